@@ -1,0 +1,76 @@
+"""Config dataclasses. Each model is built from one of these, and it is saved beside the weights
+as ``config.json`` so a checkpoint always rebuilds the exact network that produced it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class MatcherConfig:
+    """STN that maps a (moving, fixed) mask pair to TPS parameters (paper Table 2)."""
+
+    input_size: int = 28          # masks are resized to input_size × input_size
+    grid_size: int = 8            # √K: control points on a grid_size × grid_size lattice
+    channels: tuple[int, int, int] = (32, 64, 128)
+    pooled: int = 4               # adaptive average pool before the FC head keeps it small
+    hidden: int = 256             # FC width (paper: 256 for MNIST)
+    leaky_slope: float = 1e-4     # paper: leaky ReLU α = 1e-4
+    smooth_weight: float = 1.0    # λ in the paper's loss (eq. 3)
+    fold_weight: float = 1.0      # penalty on negative Jacobian determinants of the dense warp
+    kind: str = "matcher"
+
+
+@dataclass
+class LocalizerConfig:
+    """Query-conditioned SSD (paper Table 1)."""
+
+    image_size: int = 112
+    query_size: int = 28
+    channels: tuple[int, ...] = (32, 48, 64, 64, 48, 48, 32)
+    conditioning: str = "film"    # "film" (query encoder scales/shifts features) or "stack" (paper)
+    film_layers: tuple[int, ...] = (2, 3, 4)   # 0-based conv indices modulated by FiLM
+    query_dim: int = 64
+    head_layers: tuple[int, ...] = (3, 4, 5, 6)  # c4..c7 carry anchors
+    # anchor sizes per head level as a fraction of image_size; fitted to the data's 20–56 px
+    # targets within the paper's 0.08–0.96 range
+    scales: tuple[float, ...] = (0.2, 0.38, 0.6, 0.96)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)   # width / height
+    box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    pos_iou: float = 0.5
+    neg_ratio: int = 3
+    kind: str = "localizer"
+
+
+@dataclass
+class DatasetConfig:
+    """How the pipeline turns images into masks for one data set."""
+
+    name: str = "mnist"
+    segmenter: str = "otsu"       # "otsu" or "learned"
+    crop_margin: float = 1.4      # square side = margin × longest box side (MNIST: 28/20)
+    min_object_px: int = 4
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a config, turning JSON lists back into tuples and ignoring unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            continue
+        kwargs[k] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
+
+
+def dumps(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+CONFIGS = {"matcher": MatcherConfig, "localizer": LocalizerConfig}

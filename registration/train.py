@@ -1,0 +1,239 @@
+"""Training CLI.
+
+    python -m registration.train matcher --dataset mnist
+    python -m registration.train matcher-full --dataset mnist
+    python -m registration.train localizer --dataset mnist
+
+Writes ``checkpoints/<dataset>/<model>/{config.json, model.safetensors, metrics.json}``;
+metrics.json records the command line, wall time and validation figures.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import LocalizerConfig, MatcherConfig
+from .matcher import Matcher
+
+
+def autocast(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ---------------------------------------------------------------------------------------------
+# matcher data: batches of (moving, fixed) float masks (B, 1, S, S)
+
+class MnistPairs:
+    """Same-class pairs of MNIST masks; rows are split train/val by index within each class."""
+
+    def __init__(self, part: str, seed: int):
+        from .data import mnist
+        images, self.labels = mnist.rows(part)
+        self.masks = torch.from_numpy(mnist.masks(images)).float().unsqueeze(1)
+        self.rng = np.random.default_rng(seed)
+        self._sample = mnist.sample_pairs
+
+    def batch(self, n: int):
+        p = self._sample(self.labels, n, self.rng)
+        return self.masks[p[:, 0]], self.masks[p[:, 1]]
+
+
+class FullFramePairs:
+    """Whole 112×112 scene frames for the no-localization matcher (paper §4.2)."""
+
+    def __init__(self, part: str, seed: int):
+        from .data import scenes
+        self.gen = scenes.SceneGenerator(part, seed=seed)
+        from .pipeline import full_frame_masks
+        self._frames = full_frame_masks
+
+    def batch(self, n: int):
+        mov, fix = [], []
+        for _ in range(n):
+            s = self.gen.sample()
+            m, f = self._frames(s.moving, s.fixed)
+            mov.append(m)
+            fix.append(f)
+        t = lambda a: torch.from_numpy(np.stack(a)).float().unsqueeze(1)
+        return t(mov), t(fix)
+
+
+@torch.no_grad()
+def matcher_val_dice(model: Matcher, moving: torch.Tensor, fixed: torch.Tensor,
+                     bs: int = 250) -> tuple[float, float]:
+    """Hard Dice / IoU of warped-moving (>0.5) against fixed, fp32."""
+    model.eval()
+    dices, ious = [], []
+    for i in range(0, len(moving), bs):
+        m, f = moving[i:i + bs], fixed[i:i + bs]
+        w = model.warp(m, model(m, f)) > 0.5
+        f = f > 0.5
+        inter = (w & f).sum((1, 2, 3)).float()
+        s = w.sum((1, 2, 3)).float() + f.sum((1, 2, 3)).float()
+        dices.append(2 * inter / s.clamp_min(1))
+        ious.append(inter / (s - inter).clamp_min(1))
+    model.train()
+    return float(torch.cat(dices).mean()), float(torch.cat(ious).mean())
+
+
+def train_matcher(args, full: bool) -> dict:
+    cfg = MatcherConfig(input_size=112 if full else 28, grid_size=16 if full else args.grid,
+                        smooth_weight=args.smooth, fold_weight=args.fold)
+    torch.manual_seed(args.seed)
+    model = Matcher(cfg).to(memory_format=torch.channels_last)
+    data = FullFramePairs("train", args.seed) if full else MnistPairs("train", args.seed)
+    val_data = FullFramePairs("val", args.seed + 1) if full else MnistPairs("val", args.seed + 1)
+    val_m, val_f = val_data.batch(args.val_pairs)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-4)  # paper: L2 1e-4
+    log = []
+    t0 = time.time()
+    bar = tqdm(range(args.steps), desc=f"train {'matcher-full' if full else 'matcher'}",
+               mininterval=5, file=sys.stdout)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.steps, args.lr)
+        m, f = data.batch(args.batch)
+        m = m.contiguous(memory_format=torch.channels_last)
+        f = f.contiguous(memory_format=torch.channels_last)
+        with autocast(args.bf16):
+            loss, parts = model.loss(m, f)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            d, j = matcher_val_dice(model, val_m, val_f)
+            log.append({"step": step + 1, "minutes": round((time.time() - t0) / 60, 2),
+                        "loss": round(float(loss), 4), "val_dice": round(d, 4),
+                        "val_iou": round(j, 4)})
+            bar.write(str(log[-1]))
+            sys.stdout.flush()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", dice=f"{parts['soft_dice']:.3f}", refresh=False)
+    wall = time.time() - t0
+    d, j = matcher_val_dice(model, val_m, val_f)
+    return {"model": model, "cfg": cfg,
+            "metrics": {"wall_time_s": round(wall, 1), "val_dice": round(d, 4),
+                        "val_iou": round(j, 4), "val_pairs": args.val_pairs, "log": log}}
+
+
+# ---------------------------------------------------------------------------------------------
+# localizer
+
+def scene_tensors(scenes_list):
+    """Scenes → fixed (B, 1, S, S), moving (B, 1, 28, 28) in [0, 1], boxes (B, 4)."""
+    f = torch.from_numpy(np.stack([s.fixed for s in scenes_list])).float().div_(255).unsqueeze(1)
+    m = torch.from_numpy(np.stack([s.moving for s in scenes_list])).float().div_(255).unsqueeze(1)
+    b = torch.from_numpy(np.stack([s.box for s in scenes_list])).float()
+    return f, m, b
+
+
+@torch.no_grad()
+def localizer_val(model, fixed, moving, boxes, bs: int = 250) -> dict:
+    """Box Dice / IoU of the top box against the true box, and the share with IoU ≥ 0.5."""
+    from torchvision.ops import box_iou
+    model.eval()
+    pred = torch.cat([model.predict(fixed[i:i + bs], moving[i:i + bs])[0]
+                      for i in range(0, len(fixed), bs)])
+    model.train()
+    iou = box_iou(pred, boxes).diagonal()
+    dice = 2 * iou / (1 + iou)   # for two boxes, Dice = 2·IoU / (1 + IoU)
+    return {"val_box_dice": round(float(dice.mean()), 4), "val_box_iou": round(float(iou.mean()), 4),
+            "val_hit": round(float((iou >= 0.5).float().mean()), 4)}
+
+
+def train_localizer(args) -> dict:
+    from .data.scenes import SceneGenerator
+    from .localizer import Localizer
+    cfg = LocalizerConfig(conditioning=args.conditioning)
+    torch.manual_seed(args.seed)
+    model = Localizer(cfg).to(memory_format=torch.channels_last)
+    gen = SceneGenerator("train", seed=args.seed)
+    val = scene_tensors(SceneGenerator("val", seed=args.seed + 1).batch(args.val_pairs))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)  # paper: L2 5e-4
+    log = []
+    t0 = time.time()
+    bar = tqdm(range(args.steps), desc=f"train localizer ({cfg.conditioning})", mininterval=10,
+               file=sys.stdout)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.steps, args.lr)
+        f, m, b = scene_tensors(gen.batch(args.batch))
+        with autocast(args.bf16):
+            loss, parts = model.loss(f.contiguous(memory_format=torch.channels_last), m, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            log.append({"step": step + 1, "minutes": round((time.time() - t0) / 60, 2),
+                        "loss": round(float(loss.detach()), 4), **localizer_val(model, *val)})
+            bar.write(str(log[-1]), file=sys.stdout)
+            sys.stdout.flush()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+    wall = time.time() - t0
+    return {"model": model, "cfg": cfg,
+            "metrics": {"wall_time_s": round(wall, 1), **localizer_val(model, *val),
+                        "val_scenes": args.val_pairs, "log": log}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m registration.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=["matcher", "matcher-full", "localizer"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--grid", type=int, default=8, help="matcher control grid side (√K)")
+    p.add_argument("--smooth", type=float, default=1.0, help="λ, smoothness weight")
+    p.add_argument("--fold", type=float, default=1.0, help="negative-Jacobian penalty weight")
+    p.add_argument("--conditioning", default="film", choices=["film", "stack"])
+    p.add_argument("--val-pairs", type=int, default=1000)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (slower than fp32 on CPUs without native bf16)")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/<dataset>/<model>)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    defaults = {"matcher": (5500, 128, 1e-3), "matcher-full": (1500, 32, 1e-3),
+                "localizer": (12000, 32, 2e-3)}[args.model]
+    args.steps = args.steps or defaults[0]
+    args.batch = args.batch or defaults[1]
+    args.lr = args.lr or defaults[2]
+
+    if args.model == "localizer":
+        out = train_localizer(args)
+    else:
+        out = train_matcher(args, full=args.model == "matcher-full")
+    metrics = out["metrics"]
+    metrics["command"] = "python -m registration.train " + shlex.join(argv)
+    metrics["torch"] = torch.__version__
+    metrics["threads"] = args.threads
+    folder = Path(args.out) if args.out else checkpoint.local_root() / args.dataset / args.model
+    checkpoint.save(folder, out["model"], out["cfg"], metrics)
+    print(f"saved {folder}  wall {metrics['wall_time_s']:.0f}s  "
+          + "  ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("val_")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+import numpy as np
+import torch
+
+from registration import losses, metrics, tps
+from registration.coords import identity_grid
+
+
+def test_soft_dice_known_values():
+    a = torch.zeros(1, 1, 4, 4)
+    a[..., :2, :] = 1
+    b = torch.zeros(1, 1, 4, 4)
+    b[..., :, :] = 1
+    assert abs(float(losses.soft_dice(a, a)) - 1) < 1e-6
+    assert abs(float(losses.soft_dice(a, b)) - 2 * 8 / 24) < 1e-6
+
+
+def test_smoothness_zero_for_constant_offsets_positive_otherwise():
+    off = torch.full((1, 16, 2), 0.3)
+    assert float(losses.control_smoothness(off)) == 0
+    off[0, 5] += 0.1
+    assert float(losses.control_smoothness(off)) > 0
+
+
+def test_jacobian_identity_one_and_reflection_negative():
+    g = identity_grid((10, 12))[None]
+    assert torch.allclose(losses.jacobian_det(g), torch.ones(1, 9, 11), atol=1e-5)
+    flipped = g.clone()
+    flipped[..., 0] = -flipped[..., 0]
+    assert (losses.jacobian_det(flipped) < 0).all()
+    assert float(losses.fold_penalty(g)) == 0
+
+
+def test_hard_metrics_known_answers():
+    a = np.zeros((10, 10), bool)
+    a[:, :5] = True
+    b = np.zeros((10, 10), bool)
+    b[:, 2:7] = True
+    assert metrics.dice(a, b) == 2 * 30 / 100
+    assert metrics.iou(a, b) == 30 / 70
+    assert metrics.dice(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+    assert metrics.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
+    assert metrics.box_dice((0, 0, 10, 10), (5, 0, 15, 10)) == 100 / 200
+
+
+def test_loss_at_identity_is_one_minus_dice():
+    from registration.matcher import Matcher
+    from registration.config import MatcherConfig
+    m = Matcher(MatcherConfig(grid_size=4))
+    a = torch.zeros(2, 1, 28, 28)
+    a[..., 5:20, 8:14] = 1
+    b = torch.zeros(2, 1, 28, 28)
+    b[..., 5:20, 10:18] = 1
+    loss, parts = m.loss(a, b)
+    assert abs(float(loss) - (1 - float(losses.soft_dice(a, b).mean()))) < 1e-5

@@ -50,8 +50,12 @@ class DatasetConfig:
 
     name: str = "mnist"
     segmenter: str = "otsu"       # "otsu" or "learned"
+    # a fixed foreground threshold in [0, 1] (MNIST masks are pixels > 127 by definition);
+    # None = Otsu's threshold per image. Otsu is also the fallback when the fixed one finds nothing
+    threshold: float | None = None
     crop_margin: float = 1.4      # square side = margin × longest box side (MNIST: 28/20)
     min_object_px: int = 4
+    snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this
 
 
 def to_dict(cfg: Any) -> dict:

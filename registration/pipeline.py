@@ -21,7 +21,7 @@ from .config import DatasetConfig
 from .coords import norm_to_pixel
 
 DATASETS: dict[str, DatasetConfig] = {
-    "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4),
+    "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4, threshold=0.5),
 }
 
 MIN_SIDE = 8                  # px; smaller images cannot hold an object to match
@@ -181,8 +181,9 @@ def paste_points(square, shape: tuple[int, int]):
     coordinates in the square's crop, (h·w, 2) as float32."""
     h, w = shape
     x0, y0, x1, y1 = square
-    c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-    c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
+    # pixels whose centres (i + 0.5) lie inside the square
+    c0, r0 = max(0, int(np.ceil(x0 - 0.5))), max(0, int(np.ceil(y0 - 0.5)))
+    c1, r1 = min(w, int(np.floor(x1 - 0.5)) + 1), min(h, int(np.floor(y1 - 0.5)) + 1)
     if c1 <= c0 or r1 <= r0:
         return None, None
     side = x1 - x0
@@ -194,7 +195,8 @@ def paste_points(square, shape: tuple[int, int]):
 
 
 def full_frame_masks(moving: np.ndarray, fixed: np.ndarray, size: int = 112,
-                     moving_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                     moving_fraction: float = 0.5,
+                     threshold: float | None = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """The no-localization setting (paper §4.2): both masks on one size×size frame.
 
     The moving object, cropped and scaled to ``moving_fraction`` of the frame, sits at its
@@ -203,7 +205,7 @@ def full_frame_masks(moving: np.ndarray, fixed: np.ndarray, size: int = 112,
     """
     mg = bright_foreground(to_gray(moving, "moving"))
     fg = bright_foreground(to_gray(fixed, "fixed"))
-    m_mask = segment.object_mask(mg)
+    m_mask = segment.object_mask(mg, threshold=threshold)
     b = mask_box(m_mask)
     if b is None:
         b = (0, 0, mg.shape[1], mg.shape[0])
@@ -213,7 +215,7 @@ def full_frame_masks(moving: np.ndarray, fixed: np.ndarray, size: int = 112,
     o = (size - inner) // 2
     canvas[o:o + inner, o:o + inner] = obj
     f_small = cv2.resize(fg, (size, size), interpolation=cv2.INTER_AREA)
-    return canvas, segment.foreground(f_small)
+    return canvas, segment.foreground_or_otsu(f_small, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,11 +224,14 @@ class Pipeline:
     """Localizer + matcher (+ the full-frame matcher) for one data set."""
 
     def __init__(self, matcher, localizer=None, matcher_full=None,
-                 dataset: DatasetConfig | None = None):
+                 dataset: DatasetConfig | None = None, refine_steps: int = 0):
         self.matcher = matcher.eval()
         self.localizer = localizer.eval() if localizer is not None else None
         self.matcher_full = matcher_full.eval() if matcher_full is not None else None
         self.dataset = dataset or DatasetConfig()
+        # test-time refinement: Adam steps on each pair's TPS parameters after the network's
+        # one-shot prediction (0 = the network alone, fastest)
+        self.refine_steps = int(refine_steps)
 
     @classmethod
     def from_pretrained(cls, name: str = "mnist") -> "Pipeline":
@@ -245,13 +250,16 @@ class Pipeline:
 
     # -- matching --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _match_batch(self, mov_masks: np.ndarray, fix_masks: np.ndarray, matcher=None):
+    def _match_batch(self, mov_masks: np.ndarray, fix_masks: np.ndarray, matcher=None,
+                     refine_steps: int = 0):
         """(B, S, S) bool pairs → params (B, P) float32 tensor."""
         matcher = matcher or self.matcher
         m = torch.from_numpy(mov_masks.astype(np.float32)).unsqueeze(1)
         f = torch.from_numpy(fix_masks.astype(np.float32)).unsqueeze(1)
-        return matcher(m, f).float()
+        if refine_steps:
+            return matcher.refine(m, f, steps=refine_steps)
+        with torch.no_grad():
+            return matcher(m, f).float()
 
     def _crop_result(self, params: torch.Tensor, mov_crop, mov_mask, fix_crop, fix_mask,
                      matcher=None) -> dict:
@@ -261,7 +269,8 @@ class Pipeline:
         src = torch.from_numpy(np.stack([mov_mask.astype(np.float32), mov_crop]))[:, None]
         warped = matcher.warp(src, p.expand(2, -1), (s, s))[:, 0].numpy()
         ctrl = matcher.ctrl
-        q = tps.warp_points_with_basis(ctrl, tps.tps_basis(ctrl, ctrl), p)[0]
+        theta, offsets = tps.split_params(p, len(ctrl))    # T(c_k) = A·[c_k; 1] + d_k exactly
+        q = (torch.cat([ctrl, torch.ones_like(ctrl[:, :1])], 1) @ theta[0].T) + offsets[0]
         return dict(moving_crop=mov_crop, fixed_crop=fix_crop, moving_mask=mov_mask,
                     fixed_mask=fix_mask, warped_mask=warped[0] > 0.5,
                     warped_image=warped[1].clip(0, 1),
@@ -269,7 +278,7 @@ class Pipeline:
                     control_points_warped=norm_to_pixel(ctrl, (s, s)).numpy(),
                     params=params.numpy())
 
-    def match(self, moving_mask, fixed_mask) -> Result:
+    def match(self, moving_mask, fixed_mask, refine_steps: int | None = None) -> Result:
         """The matcher alone on two object-centric masks (any equal or unequal sizes, resized
         to S×S). Returns a Result without box or full-frame fields."""
         t0 = time.perf_counter()
@@ -280,7 +289,8 @@ class Pipeline:
                         (s, s), interpolation=cv2.INTER_AREA) > 0.5
         if not mm.any() or not fm.any():
             raise RegistrationError("a mask is empty: nothing to match")
-        params = self._match_batch(mm[None], fm[None])[0]
+        steps = self.refine_steps if refine_steps is None else refine_steps
+        params = self._match_batch(mm[None], fm[None], refine_steps=steps)[0]
         r = Result(box=None, score=None, localized=False,
                    **self._crop_result(params, mm.astype(np.float32), mm,
                                        fm.astype(np.float32), fm))
@@ -290,16 +300,21 @@ class Pipeline:
     # -- the full pipeline -----------------------------------------------------------------
 
     def register(self, moving, fixed, localize: bool = True, moving_mask=None,
-                 fixed_mask=None) -> Result:
+                 fixed_mask=None, refine_steps: int | None = None) -> Result:
         """Register one pair. Images as :func:`to_gray` accepts; optional masks (bool or uint8,
-        each its image's shape) replace the threshold segmentation."""
+        each its image's shape) replace the threshold segmentation; ``refine_steps`` overrides
+        the pipeline's test-time refinement."""
         return self.register_batch([(moving, fixed)], localize=localize,
-                                   moving_masks=[moving_mask], fixed_masks=[fixed_mask])[0]
+                                   moving_masks=[moving_mask], fixed_masks=[fixed_mask],
+                                   refine_steps=refine_steps)[0]
 
     def register_batch(self, pairs, localize: bool = True, moving_masks=None,
-                       fixed_masks=None) -> list[Result]:
+                       fixed_masks=None, refine_steps: int | None = None) -> list[Result]:
         """Register many (moving, fixed) pairs, batching the networks."""
         n = len(pairs)
+        if n == 0:
+            return []
+        steps = self.refine_steps if refine_steps is None else int(refine_steps)
         moving_masks = moving_masks or [None] * n
         fixed_masks = fixed_masks or [None] * n
         if not localize:
@@ -324,7 +339,8 @@ class Pipeline:
             if uf is not None:
                 uf = cv2.resize(uf.astype(np.uint8), fg.shape[::-1],
                                 interpolation=cv2.INTER_NEAREST) > 0
-            m_mask = um if um is not None else segment.object_mask(mg)
+            thr = self.dataset.threshold
+            m_mask = um if um is not None else segment.object_mask(mg, threshold=thr)
             mb = mask_box(m_mask)
             if mb is None:
                 raise RegistrationError("no object found in the moving image")
@@ -359,14 +375,15 @@ class Pipeline:
             p["ssd_box"] = box
             fg = p["fg"]
             region = square_around(box, margin)
-            (rs, cs), _ = paste_points(region, fg.shape)
+            sl, _ = paste_points(region, fg.shape)
             if p["uf"] is not None:
                 fmask = p["uf"]
             else:
                 fmask = np.zeros(fg.shape, bool)
-                sub = fg[rs, cs]
-                fmask[rs, cs] = segment.foreground(sub) if sub.size else False
-            obj = segment.select_in_box(fmask, box, min_px=self.dataset.min_object_px)
+                if sl is not None:
+                    fmask[sl] = segment.foreground_or_otsu(fg[sl], self.dataset.threshold)
+            obj = segment.select_best_fit(fmask, box, min_px=self.dataset.min_object_px,
+                                          clip=self.dataset.snap_clip)
             fb = mask_box(obj)
             if fb is None:
                 raise RegistrationError("no object found in the fixed image where the "
@@ -380,7 +397,7 @@ class Pipeline:
         t["segment"] = time.perf_counter() - t0 + t.pop("segment_moving")
 
         t0 = time.perf_counter()
-        params = self._match_batch(np.stack(mov_masks), np.stack(fix_masks))
+        params = self._match_batch(np.stack(mov_masks), np.stack(fix_masks), refine_steps=steps)
         t["match"] = time.perf_counter() - t0
 
         results = []
@@ -413,9 +430,7 @@ class Pipeline:
         sl, pts = paste_points(square, shape)
         if sl is None:
             return out
-        pts_t = torch.from_numpy(pts)
-        ctrl = self.matcher.ctrl
-        src = tps.warp_points_with_basis(pts_t, tps.tps_basis(pts_t, ctrl), params[None])
+        src = self.matcher.warp_points(torch.from_numpy(pts), params[None])
         grid = src.reshape(1, sl[0].stop - sl[0].start, sl[1].stop - sl[1].start, 2)
         m = torch.from_numpy(mov_mask.astype(np.float32))[None, None]
         out[sl] = tps.warp_image(m, grid)[0, 0].numpy() > 0.5
@@ -436,7 +451,7 @@ class Pipeline:
         size = self.matcher_full.cfg.input_size
         fg = bright_foreground(to_gray(fixed, "fixed"))
         mg = bright_foreground(to_gray(moving, "moving"))
-        m_mask, f_mask = full_frame_masks(mg, fg, size)
+        m_mask, f_mask = full_frame_masks(mg, fg, size, threshold=self.dataset.threshold)
         if not m_mask.any() or not f_mask.any():
             raise RegistrationError("no object found")
         t_seg = time.perf_counter() - t0

@@ -1,8 +1,7 @@
 """Turning images into object masks: Otsu threshold + connected components.
 
-The fixed image's mask keeps the components that the detector's box explains (most of their
-pixels inside it), so digits broken into several strokes stay whole and distractors outside the
-box are dropped.
+The fixed image's mask keeps the components that best explain the detector's box, so digits
+broken into several strokes stay whole and neighbours are dropped.
 """
 from __future__ import annotations
 
@@ -33,10 +32,22 @@ def components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     return n, labels, stats
 
 
-def select_in_box(mask: np.ndarray, box, min_fraction: float = 0.5,
-                  min_px: int = 4) -> np.ndarray:
-    """Components of ``mask`` with at least ``min_fraction`` of their pixels inside the xyxy
-    ``box`` (pixels); if none qualifies, the one with the most pixels inside. (H, W) bool."""
+def foreground_or_otsu(gray: np.ndarray, threshold: float | None) -> np.ndarray:
+    """``gray > threshold``; Otsu's threshold when ``threshold`` is None or finds nothing."""
+    if threshold is not None:
+        fg = gray > threshold
+        if fg.any():
+            return fg
+    return foreground(gray)
+
+
+def select_best_fit(mask: np.ndarray, box, min_px: int = 4, clip: float | None = 0.1) -> np.ndarray:
+    """The set of components whose joint tight box best fits the xyxy ``box`` (IoU), chosen
+    greedily: start from the component with the most pixels inside the box, then add others
+    (most pixels inside first) while that raises the IoU. Keeps a digit's broken strokes, drops
+    a neighbour that merely overlaps the box's edge. A neighbour *touching* the object is one
+    component with it, so the result is finally clipped to the box grown by ``clip`` of its
+    size on each side (None: no clipping). (H, W) bool."""
     n, labels, stats = components(mask)
     if n <= 1:
         return np.zeros_like(mask, dtype=bool)
@@ -45,18 +56,45 @@ def select_in_box(mask: np.ndarray, box, min_fraction: float = 0.5,
     x1, y1 = int(np.clip(np.ceil(box[2]), 0, w)), int(np.clip(np.ceil(box[3]), 0, h))
     inside = np.bincount(labels[y0:y1, x0:x1].ravel(), minlength=n)[1:]
     area = stats[1:, cv2.CC_STAT_AREA]
-    keep = (inside >= min_fraction * area) & (area >= min_px)
-    if not keep.any():
-        if inside.max() == 0:
-            return np.zeros_like(mask, dtype=bool)
-        keep = inside == inside.max()
-    return np.isin(labels, np.flatnonzero(keep) + 1)
+    cand = [i for i in np.argsort(-inside) if inside[i] > 0 and area[i] >= min_px]
+    if not cand:
+        return np.zeros_like(mask, dtype=bool)
+    cb = np.stack([stats[1:, cv2.CC_STAT_LEFT], stats[1:, cv2.CC_STAT_TOP],
+                   stats[1:, cv2.CC_STAT_LEFT] + stats[1:, cv2.CC_STAT_WIDTH],
+                   stats[1:, cv2.CC_STAT_TOP] + stats[1:, cv2.CC_STAT_HEIGHT]], 1).astype(float)
+
+    def iou(b):
+        ix = max(0.0, min(b[2], box[2]) - max(b[0], box[0]))
+        iy = max(0.0, min(b[3], box[3]) - max(b[1], box[1]))
+        inter = ix * iy
+        u = (b[2] - b[0]) * (b[3] - b[1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
+        return inter / u if u > 0 else 0.0
+
+    keep, cur = [cand[0]], cb[cand[0]].copy()
+    best = iou(cur)
+    for i in cand[1:]:
+        nb = np.array([min(cur[0], cb[i, 0]), min(cur[1], cb[i, 1]),
+                       max(cur[2], cb[i, 2]), max(cur[3], cb[i, 3])])
+        v = iou(nb)
+        if v > best:
+            keep.append(i)
+            cur, best = nb, v
+    out = np.isin(labels, np.array(keep) + 1)
+    if clip is not None:
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        cx0, cy0 = int(max(0, np.floor(box[0] - clip * bw))), int(max(0, np.floor(box[1] - clip * bh)))
+        cx1, cy1 = int(max(0, np.ceil(box[2] + clip * bw))), int(max(0, np.ceil(box[3] + clip * bh)))
+        inside_clip = np.zeros_like(out)
+        inside_clip[cy0:cy1, cx0:cx1] = True
+        out &= inside_clip
+    return out
 
 
-def object_mask(gray: np.ndarray, min_fraction_of_largest: float = 0.05) -> np.ndarray:
-    """Mask of the single object an image shows: Otsu foreground, minus specks smaller than
-    ``min_fraction_of_largest`` of the largest component. (H, W) bool."""
-    fg = foreground(gray)
+def object_mask(gray: np.ndarray, min_fraction_of_largest: float = 0.05,
+                threshold: float | None = None) -> np.ndarray:
+    """Mask of the single object an image shows: foreground (see :func:`foreground_or_otsu`)
+    minus specks smaller than ``min_fraction_of_largest`` of the largest component. (H, W) bool."""
+    fg = foreground_or_otsu(gray, threshold)
     n, labels, stats = components(fg)
     if n <= 1:
         return fg

@@ -66,24 +66,34 @@ def tps_system(ctrl: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=0)
 
 
-def tps_basis(points: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
-    """Linear map from control-point offsets to offsets at ``points``.
+def tps_coefficients(ctrl: torch.Tensor) -> torch.Tensor:
+    """(K+3, K) map from control-point offsets to the spline's kernel weights and linear part.
 
-    points: (N, 2); ctrl: (K, 2) → (N, K) matrix B with f(points) = B @ offsets.
-    Solved in float64 for conditioning, returned in points' dtype.
+    Depends only on the control points, so callers with a fixed grid compute it once.
+    Solved in float64 for conditioning.
     """
-    _check_points(points, "points")
     _check_points(ctrl, "ctrl")
-    dt = points.dtype
     c64 = ctrl.to(torch.float64)
-    p64 = points.to(torch.float64)
     k = c64.shape[0]
-    lhs = tps_system(c64)
     rhs = torch.zeros(k + 3, k, dtype=torch.float64, device=ctrl.device)
     rhs[:k] = torch.eye(k, dtype=torch.float64, device=ctrl.device)
-    coef = torch.linalg.solve(lhs, rhs)                     # (K+3, K): weights then [1, x, y]
-    feats = torch.cat([tps_kernel(p64, c64), torch.ones_like(p64[:, :1]), p64], dim=1)
-    return (feats @ coef).to(dt)
+    return torch.linalg.solve(tps_system(c64), rhs)
+
+
+def tps_basis(points: torch.Tensor, ctrl: torch.Tensor,
+              coef: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear map from control-point offsets to offsets at ``points``.
+
+    points: (N, 2); ctrl: (K, 2); coef: optional (K+3, K) from :func:`tps_coefficients`
+    → (N, K) matrix B with f(points) = B @ offsets, in points' dtype.
+    """
+    _check_points(points, "points")
+    if coef is None:
+        coef = tps_coefficients(ctrl)
+    dt = coef.dtype
+    p = points.to(dt)
+    feats = torch.cat([tps_kernel(p, ctrl.to(dt)), torch.ones_like(p[:, :1]), p], dim=1)
+    return (feats @ coef).to(points.dtype)
 
 
 def split_params(params: torch.Tensor, n_ctrl: int) -> tuple[torch.Tensor, torch.Tensor]:

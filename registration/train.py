@@ -32,11 +32,36 @@ def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+def cosine_lr(progress: float, step: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay over ``progress`` in [0, 1]."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Budget:
+    """Stops training at ``steps`` or after ``minutes`` of wall time, whichever comes first;
+    ``progress`` drives the learning-rate schedule so a slower machine still anneals fully."""
+
+    def __init__(self, steps: int, minutes: float | None):
+        self.steps, self.seconds, self.t0 = steps, (minutes or 0) * 60, time.time()
+
+    def progress(self, step: int) -> float:
+        p = step / self.steps
+        if self.seconds:
+            p = max(p, (time.time() - self.t0) / self.seconds)
+        return min(1.0, p)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+    def bar(self, desc: str) -> tqdm:
+        """Progress in percent of the budget (steps or time, whichever binds)."""
+        return tqdm(total=100, desc=desc, unit="%", mininterval=10, file=sys.stdout,
+                    bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
+
+    def tick(self, bar: tqdm, step: int) -> None:
+        bar.update(100 * self.progress(step) - bar.n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,11 +131,12 @@ def train_matcher(args, full: bool) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-4)  # paper: L2 1e-4
     log = []
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc=f"train {'matcher-full' if full else 'matcher'}",
-               mininterval=5, file=sys.stdout)
-    for step in bar:
+    budget = Budget(args.steps, args.minutes)
+    bar = budget.bar(f"train {'matcher-full' if full else 'matcher'}")
+    step = 0
+    while not budget.done(step):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.steps, args.lr)
+            g["lr"] = cosine_lr(budget.progress(step), step, args.lr)
         m, f = data.batch(args.batch)
         m = m.contiguous(memory_format=torch.channels_last)
         f = f.contiguous(memory_format=torch.channels_last)
@@ -119,18 +145,21 @@ def train_matcher(args, full: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+        step += 1
+        budget.tick(bar, step)
+        if step % args.val_every == 0:
             d, j = matcher_val_dice(model, val_m, val_f)
-            log.append({"step": step + 1, "minutes": round((time.time() - t0) / 60, 2),
-                        "loss": round(float(loss), 4), "val_dice": round(d, 4),
+            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2),
+                        "loss": round(float(loss.detach()), 4), "val_dice": round(d, 4),
                         "val_iou": round(j, 4)})
             bar.write(str(log[-1]))
             sys.stdout.flush()
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", dice=f"{parts['soft_dice']:.3f}", refresh=False)
+    bar.close()
     wall = time.time() - t0
     d, j = matcher_val_dice(model, val_m, val_f)
     return {"model": model, "cfg": cfg,
-            "metrics": {"wall_time_s": round(wall, 1), "val_dice": round(d, 4),
+            "metrics": {"wall_time_s": round(wall, 1), "steps": step, "batch": args.batch, "val_dice": round(d, 4),
                         "val_iou": round(j, 4), "val_pairs": args.val_pairs, "log": log}}
 
 
@@ -170,26 +199,31 @@ def train_localizer(args) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)  # paper: L2 5e-4
     log = []
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc=f"train localizer ({cfg.conditioning})", mininterval=10,
-               file=sys.stdout)
-    for step in bar:
+    budget = Budget(args.steps, args.minutes)
+    bar = budget.bar(f"train localizer ({cfg.conditioning})")
+    step = 0
+    while not budget.done(step):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.steps, args.lr)
+            g["lr"] = cosine_lr(budget.progress(step), step, args.lr)
         f, m, b = scene_tensors(gen.batch(args.batch))
         with autocast(args.bf16):
             loss, parts = model.loss(f.contiguous(memory_format=torch.channels_last), m, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
-            log.append({"step": step + 1, "minutes": round((time.time() - t0) / 60, 2),
+        step += 1
+        budget.tick(bar, step)
+        if step % args.val_every == 0:
+            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2),
                         "loss": round(float(loss.detach()), 4), **localizer_val(model, *val)})
             bar.write(str(log[-1]), file=sys.stdout)
             sys.stdout.flush()
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+    bar.close()
     wall = time.time() - t0
     return {"model": model, "cfg": cfg,
-            "metrics": {"wall_time_s": round(wall, 1), **localizer_val(model, *val),
+            "metrics": {"wall_time_s": round(wall, 1), "steps": step, "batch": args.batch,
+                        **localizer_val(model, *val),
                         "val_scenes": args.val_pairs, "log": log}}
 
 
@@ -200,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model", choices=["matcher", "matcher-full", "localizer"])
     p.add_argument("--dataset", default="mnist", choices=["mnist"])
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget; the LR schedule follows it (default per model)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--grid", type=int, default=8, help="matcher control grid side (√K)")
@@ -215,9 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<dataset>/<model>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    defaults = {"matcher": (5500, 128, 1e-3), "matcher-full": (1500, 32, 1e-3),
-                "localizer": (12000, 32, 2e-3)}[args.model]
+    # (max steps, batch, lr, minutes)
+    defaults = {"matcher": (100000, 128, 1e-3, 18), "matcher-full": (100000, 32, 1e-3, 6),
+                "localizer": (100000, 32, 2e-3, 25)}[args.model]
+    if args.minutes is None and args.steps is None:
+        args.minutes = defaults[3]
     args.steps = args.steps or defaults[0]
+    args.minutes = args.minutes or None
     args.batch = args.batch or defaults[1]
     args.lr = args.lr or defaults[2]
 

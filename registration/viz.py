@@ -104,12 +104,13 @@ def title_bar(rgb: np.ndarray, text: str, colour=(255, 255, 255), height: int = 
     """A new RGB image: ``rgb`` under a dark band of ``height`` px that holds ``text``."""
     h, w = rgb.shape[:2]
     band = np.full((height, w, 3), 30, np.uint8)
-    scale = height / 40
-    (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    if tw > w - 8:   # shrink long titles to fit
-        scale *= (w - 8) / tw
-    cv2.putText(band, text, (6, int(height * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1,
-                cv2.LINE_AA)
+    scale = height / 36
+    thick = max(1, round(height / 22))
+    (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    if tw > w - 12:   # shrink long titles to fit
+        scale *= (w - 12) / tw
+    cv2.putText(band, text, (8, int(height * 0.72)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour,
+                thick, cv2.LINE_AA)
     return np.concatenate([band, rgb[..., :3]], axis=0)
 
 

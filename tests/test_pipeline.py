@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_pipeline
+from registration import metrics, segment
+from registration.config import MatcherConfig
+from registration.data import mnist, scenes
+from registration.matcher import Matcher
+from registration.pipeline import (DATASETS, Pipeline, RegistrationError, crop, crop_mask,
+                                   paste_points, square_around, to_gray)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    from registration.localizer import Localizer
+    torch.manual_seed(0)
+    return Pipeline(Matcher(), Localizer(), Matcher(MatcherConfig(input_size=112, grid_size=16)),
+                    DATASETS["mnist"])
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return Pipeline.from_pretrained("mnist")
+
+
+def test_to_gray_accepts_common_inputs_and_refuses_bad_ones():
+    u8 = np.zeros((20, 30, 3), np.uint8)
+    u8[..., 0] = 255
+    g = to_gray(u8)
+    assert g.shape == (20, 30) and g.dtype == np.float32 and abs(g.max() - 1 / 3) < 1e-6
+    assert to_gray(np.ones((10, 10), bool)).max() == 1
+    with pytest.raises(ValueError, match="expected a numpy array, got list"):
+        to_gray([[0, 1]])
+    with pytest.raises(ValueError, match=r"at least 8×8 pixels, got 3×3"):
+        to_gray(np.zeros((3, 3), np.uint8))
+    with pytest.raises(ValueError, match="finite"):
+        to_gray(np.full((10, 10), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        to_gray(np.full((10, 10), 7.0))
+    with pytest.raises(ValueError, match="shape"):
+        to_gray(np.zeros((10, 10, 5), np.uint8))
+
+
+def test_crop_of_the_whole_image_at_its_own_size_is_the_image():
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    assert np.abs(crop(img, (0, 0, 16, 16), 16) - img).max() < 1e-5
+
+
+def test_square_around_is_centred_with_margin():
+    assert square_around((10, 20, 30, 60), 1.5) == (-10.0, 10.0, 50.0, 70.0)
+
+
+def test_identity_warp_pasted_back_reproduces_the_mask(untrained):
+    s = scenes.SceneGenerator("test", seed=5).sample()
+    sq = square_around(s.box, 1.4)
+    crop_m = crop_mask(s.target_mask, sq, 28)
+    zero = torch.zeros(6 + 2 * 64)
+    full = untrained._paste(zero, crop_m, sq, s.fixed.shape)
+    assert metrics.dice(full, s.target_mask) > 0.85     # 28×28 round trip loses a little
+    sl, pts = paste_points(sq, s.fixed.shape)
+    assert pts.min() >= -1 and pts.max() <= 1
+
+
+def test_best_fit_keeps_broken_strokes_and_drops_neighbours():
+    m = np.zeros((40, 40), bool)
+    m[5:15, 5:8] = True        # stroke 1 inside
+    m[17:25, 5:8] = True       # stroke 2 inside, not connected
+    m[30:38, 30:38] = True     # an outsider
+    m[20:23, 8:20] = True      # a touching neighbour, sticking far out of the box
+    out = segment.select_best_fit(m, (4, 4, 10, 26), clip=0.1)
+    assert out[5:15, 5:8].all() and out[17:25, 5:8].all()
+    assert not out[30:, 30:].any() and not out[:, 12:].any()
+
+
+def test_blank_images_give_a_plain_error(untrained):
+    with pytest.raises(RegistrationError, match="no object"):
+        untrained.register(np.zeros((28, 28), np.uint8), np.zeros((112, 112), np.uint8))
+    with pytest.raises(RegistrationError, match="empty"):
+        untrained.match(np.zeros((28, 28), bool), np.ones((28, 28), bool))
+
+
+def test_result_fields_have_documented_shapes(untrained):
+    s = scenes.SceneGenerator("test", seed=1).sample()
+    r = untrained.register(s.moving, s.fixed)
+    assert r.moving_mask.shape == r.fixed_mask.shape == r.warped_mask.shape == (28, 28)
+    assert r.warped_mask_full.shape == s.fixed.shape and r.warped_mask_full.dtype == bool
+    assert r.control_points.shape == r.control_points_warped.shape == (64, 2)
+    assert len(r.box) == 4 and 0 <= r.score <= 1
+    assert {"localize", "segment", "match", "paste", "total"} <= set(r.timings)
+    # an untrained matcher is the identity: control points stay on the regular grid
+    assert np.abs(r.control_points - r.control_points_warped).max() < 1e-4
+
+
+def test_batch_equals_single(untrained):
+    g = scenes.SceneGenerator("test", seed=2)
+    ss = [g.sample() for _ in range(3)]
+    batch = untrained.register_batch([(s.moving, s.fixed) for s in ss])
+    for s, rb in zip(ss, batch):
+        r1 = untrained.register(s.moving, s.fixed)
+        assert np.allclose(r1.box, rb.box) and (r1.warped_mask_full == rb.warped_mask_full).all()
+
+
+@needs_pipeline
+def test_trained_matcher_beats_identity_on_held_out_pairs(pretrained):
+    mov, fix = mnist.eval_pairs(200, seed=7)
+    m = torch.from_numpy(mov).float()[:, None]
+    f = torch.from_numpy(fix).float()[:, None]
+    with torch.no_grad():
+        w = (pretrained.matcher.warp(m, pretrained.matcher(m, f)) > 0.5).numpy()[:, 0]
+    ident = np.mean([metrics.dice(a, b) for a, b in zip(mov, fix)])
+    ours = np.mean([metrics.dice(a, b) for a, b in zip(w, fix)])
+    assert ident < 0.5 and ours > 0.8, (ident, ours)
+
+
+@needs_pipeline
+def test_localization_rescues_matching(pretrained):
+    ss = scenes.test_scenes(40, seed=11)
+    with_loc = [metrics.dice(pretrained.register(s.moving, s.fixed).warped_mask_full,
+                             s.target_mask) for s in ss]
+    without = [metrics.dice(pretrained.register(s.moving, s.fixed, localize=False)
+                            .warped_mask_full, s.target_mask) for s in ss]
+    assert np.mean(with_loc) > 0.75 and np.mean(without) < 0.5, (np.mean(with_loc),
+                                                                  np.mean(without))
+
+
+@needs_pipeline
+def test_dark_on_light_and_colour_inputs_work(pretrained):
+    s = scenes.SceneGenerator("test", seed=4).sample(n_distractors=2)
+    rgb = np.repeat((255 - s.fixed)[..., None], 3, axis=2)
+    r = pretrained.register(255 - s.moving, rgb)
+    assert metrics.box_iou(r.box, s.box) > 0.5
+
+
+@needs_pipeline
+def test_refinement_improves_dice(pretrained):
+    mov, fix = mnist.eval_pairs(50, seed=3)
+    base = np.mean([pretrained.match(a, b).dice for a, b in zip(mov, fix)])
+    refined = np.mean([pretrained.match(a, b, refine_steps=10).dice for a, b in zip(mov, fix)])
+    assert refined > base + 0.02, (base, refined)

@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=200)
     p.add_argument("--dataset", default="mnist")
     args = p.parse_args()
+    torch.set_flush_denormal(True)   # before the thread pool starts (see train.py)
     torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.dataset)
     scenes = test_scenes(max(args.pairs, 256), seed=1)

@@ -92,10 +92,13 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
     return payload
 
 
-def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True) -> dict:
+def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
+                      refine_steps: int | None = None) -> dict:
     from .data import scenes
     from .pipeline import Pipeline, RegistrationError
     pipe = Pipeline.from_pretrained(dataset)
+    if refine_steps is not None:
+        pipe.refine_steps = refine_steps
     test = scenes.test_scenes(n, seed)
     recs = []
     shown = []
@@ -162,17 +165,20 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     dist = _table(["distractors", "scenes", "detection Dice", "matching Dice", "no-loc. Dice"],
                   [[k, v["n"], v["box_dice"], v["dice"], v["noloc_dice"]] for k, v in by_k.items()])
     print(f"MNIST scenes, {n} held-out 112×112 scenes (test rows, seed {seed}), "
-          f"{torch.get_num_threads()} threads; matching scored end to end on the full frame\n")
+          f"{torch.get_num_threads()} threads, {pipe.refine_steps} refinement steps; "
+          f"matching scored end to end on the full frame\n")
     print(table, "\n")
     print(dist, "\n")
     print(stages)
     payload = {"dataset": dataset, "scenes": n, "seed": seed, "threads": torch.get_num_threads(),
+               "refine_steps": pipe.refine_steps,
                "results": res, "paper": PAPER, "table": table, "stages": stages,
                "by_distractors_table": dist}
-    print(f"\nwrote {_write(out, f'{dataset}_pipeline', payload)}")
+    tag = f"{dataset}_pipeline" + (f"_refine{pipe.refine_steps}" if pipe.refine_steps else "")
+    print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
         from .viz import summary_figure
-        path = out / f"{dataset}_pipeline.png"
+        path = out / f"{tag}.png"
         summary_figure(shown, str(path))
         print(f"wrote {path}")
     return payload
@@ -188,12 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="reports")
     p.add_argument("--no-figure", dest="figure", action="store_false")
+    p.add_argument("--refine-steps", type=int, default=None,
+                   help="pipeline: test-time refinement steps (default: the pipeline's)")
     args = p.parse_args(argv)
+    torch.set_flush_denormal(True)   # before the thread pool starts (see train.py)
     torch.set_num_threads(args.threads)
     if args.what == "matcher":
         evaluate_matcher(args.dataset, args.n, args.seed, Path(args.out))
     else:
-        evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure)
+        evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
+                          args.refine_steps)
 
 
 if __name__ == "__main__":

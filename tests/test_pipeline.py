@@ -135,6 +135,6 @@ def test_dark_on_light_and_colour_inputs_work(pretrained):
 @needs_pipeline
 def test_refinement_improves_dice(pretrained):
     mov, fix = mnist.eval_pairs(50, seed=3)
-    base = np.mean([pretrained.match(a, b).dice for a, b in zip(mov, fix)])
+    base = np.mean([pretrained.match(a, b, refine_steps=0).dice for a, b in zip(mov, fix)])
     refined = np.mean([pretrained.match(a, b, refine_steps=10).dice for a, b in zip(mov, fix)])
     assert refined > base + 0.02, (base, refined)

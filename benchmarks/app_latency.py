@@ -96,7 +96,9 @@ def main(argv=None) -> int:
     med = series[PRIMARY]["median_ms"]
     srv = statistics.median(server)
     result = {
-        "example": {"moving": pair["moving"], "fixed": pair["fixed"], "caption": pair["caption"]},
+        "example": {"moving": str(Path(pair["moving"]).relative_to(ROOT)),
+                    "fixed": str(Path(pair["fixed"]).relative_to(ROOT)),
+                    "caption": pair["caption"]},
         "cold_start_s": round(cold, 3),
         "first_request_ms": round(first_ms, 1),
         "round_trips": args.n,

@@ -4,7 +4,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.ops import box_convert
+
+
+def box_convert(boxes, in_fmt: str, out_fmt: str):
+    # torchvision.ops pulls in torch._dynamo (~2 s); import it on first use, not at app start
+    from torchvision.ops import box_convert as convert
+    return convert(boxes, in_fmt, out_fmt)
 
 
 def anchors_per_location(aspect_ratios) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
 
 from . import anchors as anc
 from .config import LocalizerConfig
@@ -127,6 +126,7 @@ def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Te
 
     anchors (N, 4), gt_boxes (B, 4), valid (B,) → positive mask (B, N), IoU (B, N).
     """
+    from torchvision.ops import box_iou   # lazy: see anchors.box_convert
     iou = box_iou(gt_boxes, anchors)                       # (B, N)
     pos = iou >= pos_iou
     pos[torch.arange(len(iou)), iou.argmax(dim=1)] = True

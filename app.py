@@ -1,0 +1,429 @@
+"""Gradio demo: find an object in a scene, then warp its mask onto the one found there.
+
+UI only: all inference goes through ``registration.Pipeline`` and all drawing through
+``registration.viz``. Run ``python app.py`` (``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``
+choose where it listens; default 127.0.0.1:7860).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import torch
+
+from registration import viz
+from registration.metrics import dice, iou
+from registration.pipeline import Pipeline, RegistrationError
+
+log = logging.getLogger("app")
+if __name__ == "__main__":   # before the pipelines load, so their warnings are formatted too
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+ROOT = Path(__file__).resolve().parent
+
+# Two requests may run at once on a small CPU box; one thread each keeps them from fighting.
+torch.set_num_threads(int(os.environ.get("APP_TORCH_THREADS", "1")))
+
+MAX_UPLOAD_PIXELS = 16_000_000          # 4000 × 4000; refused from the file header, undecoded
+MIN_SIDE = 8                            # px, as the pipeline requires
+BLANK_RANGE = 8                         # grey levels: less contrast than this is a blank image
+# PIL refuses (DecompressionBombError) above 2× this, warns above 1×; we refuse above 1×
+# ourselves before decoding, so the warning never matters.
+PIL.Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One selectable data set: the name ``Pipeline.from_pretrained`` knows, and its samples."""
+
+    name: str
+    label: str
+    assets: Path                        # holds examples.json and the PNGs it lists
+
+
+# Adding a data set is one entry here (plus its checkpoints and assets/<name>/), e.g.
+# DatasetEntry("silhouettes", "Silhouettes", ROOT / "assets" / "silhouettes"),
+# DatasetEntry("usct", "Ultrasound / CT", ROOT / "assets" / "usct"),
+DATASETS = [
+    DatasetEntry("mnist", "MNIST digits", ROOT / "assets" / "mnist"),
+]
+
+
+def load_pipelines(entries: list[DatasetEntry]) -> dict[str, Pipeline]:
+    """``Pipeline.from_pretrained`` once per data set, at start. A data set whose weights cannot
+    be loaded is left out (logged), so the others still work."""
+    pipes = {}
+    for d in entries:
+        try:
+            pipes[d.name] = Pipeline.from_pretrained(d.name)
+        except Exception:
+            log.exception("could not load the %r pipeline; it is left out of the app", d.name)
+    if not pipes:
+        raise SystemExit("no pipeline could be loaded (see the log above); nothing to serve")
+    return pipes
+
+
+def load_examples(entry: DatasetEntry) -> list[dict]:
+    path = entry.assets / "examples.json"
+    if not path.is_file():
+        return []
+    items = json.loads(path.read_text())["examples"]
+    return [dict(it, moving=str(entry.assets / it["moving"]), fixed=str(entry.assets / it["fixed"]))
+            for it in items]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: plain errors for files that are not images, too big, too small or blank
+
+
+def _plain(message: str) -> str:
+    """A message fit to show: no server paths."""
+    return re.sub(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-]+){2,}", "<file>", message)
+
+
+@contextlib.contextmanager
+def _no_pyi_stub():
+    """Gradio writes a typing stub (``app.pyi``) beside the source of every component class it
+    sees defined; ours needs none, and the repo should not grow a generated file."""
+    meta = getattr(gr, "component_meta", None)
+    original = getattr(meta, "create_or_modify_pyi", None)
+    if original is None:
+        yield
+        return
+    meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        meta.create_or_modify_pyi = original
+
+
+with _no_pyi_stub():
+    class ImageUpload(gr.Image):
+        """``gr.Image`` whose decoding failures become a plain ``gr.Error``.
+
+        Gradio decodes an upload before the handler runs; an unreadable file would otherwise
+        end as a bare "Error" in the browser. The pixel count is checked from the file header,
+        before any decoding, so a huge (or decompression-bomb) image costs nothing. A subclass,
+        not a patched instance, because Gradio rebuilds a session's input components from
+        their class when an example is loaded into them.
+        """
+
+        is_template = True   # same front end as gr.Image
+
+        def preprocess(self, payload):
+            what = self.label or "image"
+            try:
+                if payload is not None and payload.path:
+                    with PIL.Image.open(payload.path) as im:
+                        w, h = im.size
+                    if w * h > MAX_UPLOAD_PIXELS:
+                        raise gr.Error(f"{what}: {w}×{h} pixels is too large; the limit is "
+                                       f"{MAX_UPLOAD_PIXELS / 1e6:.0f} million pixels.",
+                                       print_exception=False)
+                return super().preprocess(payload)
+            except gr.Error:
+                raise
+            except PIL.Image.DecompressionBombError:
+                raise gr.Error(f"{what}: the image is too large; the limit is "
+                               f"{MAX_UPLOAD_PIXELS / 1e6:.0f} million pixels.",
+                               print_exception=False) from None
+            except Exception as e:   # not an image, truncated, unsupported format…
+                log.info("unreadable upload for %s: %s", what, _plain(str(e)))
+                raise gr.Error(f"{what}: this file could not be read as an image. "
+                               "Please upload a PNG, JPEG, BMP or WebP picture.",
+                               print_exception=False) from None
+
+
+def check_image(image, what: str, required: bool = True) -> None:
+    if image is None:
+        if required:
+            raise gr.Error(f"Please give a {what}.", print_exception=False)
+        return
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise gr.Error(f"The {what} is too small ({w}×{h} pixels); it needs at least "
+                       f"{MIN_SIDE}×{MIN_SIDE}.", print_exception=False)
+    if int(image.max()) - int(image.min()) < BLANK_RANGE:
+        raise gr.Error(f"The {what} is blank (one flat colour): there is no object in it "
+                       "to find.", print_exception=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the handler
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """Display copy of an upload: (H, W) uint8, as the person gave it (no inversion)."""
+    return image if image.ndim == 2 else image[..., :3].mean(axis=2).astype(np.uint8)
+
+
+def _timings_md(r, rf, draw_ms: float, wall_ms: float) -> str:
+    # whatever stages the pipeline reports, in its order, total last
+    stages = list(r.timings) + [k for k in (rf.timings if rf is not None else {})
+                                if k not in r.timings]
+    stages = [k for k in stages if k != "total"] + ["total"]
+    rows = ["| stage | with localization (ms) | without (ms) |", "|---|---:|---:|"]
+    for s in stages:
+        a = r.timings.get(s)
+        b = rf.timings.get(s) if rf is not None else None
+        rows.append(f"| {s} | {'' if a is None else f'{a:.1f}'} | "
+                    f"{'' if b is None else f'{b:.1f}'} |")
+    rows.append(f"| drawing (app) | {draw_ms:.1f} | |")
+    rows.append(f"| **whole request** | **{wall_ms:.0f}** | |")
+    return "\n".join(rows)
+
+
+def _headline(d: float, j: float, d0: float | None, why_not: str | None) -> str:
+    if d0 is None:
+        return (f"## With localization: Dice **{d:.2f}** (IoU {j:.2f})\n"
+                f"Without localization: not available ({why_not}).")
+    gain = d - d0
+    verdict = (f"Localization lifts Dice by **{gain:.2f}**." if gain > 0.05 else
+               "Here both work about equally well." if abs(gain) <= 0.05 else
+               "Here the full-frame matcher did better.")
+    return (f"## With localization Dice **{d:.2f}** vs without **{d0:.2f}**\n"
+            f"IoU {j:.2f} with localization. {verdict} "
+            "Both are scored against the object mask found in the fixed image.")
+
+
+def register(dataset: str, moving, fixed, moving_mask, fixed_mask,
+             progress=gr.Progress()):
+    """Register the pair twice (with and without localization) and draw both."""
+    try:
+        return _register(dataset, moving, fixed, moving_mask, fixed_mask, progress)
+    except gr.Error:
+        raise
+    except (RegistrationError, ValueError) as e:
+        raise gr.Error(_plain(str(e)), print_exception=False) from None
+    except Exception:
+        log.exception("registration failed")
+        raise gr.Error("Something went wrong while registering this pair. Please try another "
+                       "pair of images.", print_exception=False) from None
+
+
+def _register(dataset, moving, fixed, moving_mask, fixed_mask, progress):
+    t_start = time.perf_counter()
+    pipe = PIPELINES.get(dataset)
+    if pipe is None:
+        raise gr.Error(f"The data set {dataset!r} is not available.", print_exception=False)
+    check_image(moving, "moving image (the object)")
+    check_image(fixed, "fixed image (the scene)")
+    check_image(moving_mask, "moving mask", required=False)
+    check_image(fixed_mask, "fixed mask", required=False)
+
+    progress(0.05, desc="localize → segment → match")
+    r = pipe.register(moving, fixed, localize=True, moving_mask=moving_mask,
+                      fixed_mask=fixed_mask)
+    progress(0.55, desc="without localization")
+    rf, why_not = None, None
+    try:
+        rf = pipe.register(moving, fixed, localize=False)
+    except RegistrationError as e:
+        why_not = _plain(str(e))
+
+    progress(0.85, desc="drawing")
+    t0 = time.perf_counter()
+    ref = r.fixed_mask_full          # the object found in the fixed image: one reference for both
+    d, j = dice(r.warped_mask_full, ref), iou(r.warped_mask_full, ref)
+    d0 = j0 = None
+    if rf is not None:
+        d0, j0 = dice(rf.warped_mask_full, ref), iou(rf.warped_mask_full, ref)
+
+    fixed_gray = _gray(fixed)
+    boxes = viz.title_bar(
+        viz.draw_boxes(fixed_gray, [(r.ssd_box, viz.SSD_BOX, ""), (r.box, viz.BOX, "")], 448),
+        f"SSD score {r.score:.2f}", height=44)
+    before = viz.draw_grid(r.moving_crop, r.control_points, 280, mask=r.moving_mask)
+    after = viz.draw_grid(r.fixed_crop, r.control_points_warped, 280, mask=r.fixed_mask)
+    warped = viz.draw_mask_outline(viz.to_rgb(r.warped_image, 280), r.fixed_mask, viz.FIXED)
+    crop_overlay = viz.mask_overlay(r.fixed_mask, r.warped_mask, 280, background=r.fixed_crop)
+    full_with = viz.title_bar(
+        viz.mask_overlay(ref, r.warped_mask_full, 448, background=fixed_gray),
+        f"Dice {d:.2f}", height=44)
+    if rf is not None:
+        full_without = viz.title_bar(
+            viz.mask_overlay(ref, rf.warped_mask_full, 448, background=fixed_gray),
+            f"Dice {d0:.2f}", height=44)
+    else:
+        full_without = viz.title_bar(viz.to_rgb(np.zeros((8, 8), np.uint8), 448),
+                                     "not available", height=44)
+    draw_ms = (time.perf_counter() - t0) * 1e3
+    wall_ms = (time.perf_counter() - t_start) * 1e3
+
+    numbers = {
+        "dice": round(d, 4), "iou": round(j, 4),
+        "dice_without_localization": None if d0 is None else round(d0, 4),
+        "iou_without_localization": None if j0 is None else round(j0, 4),
+        "dice_crop": round(r.dice, 4),
+        "score": round(r.score, 4),
+        "box": [round(v, 2) for v in r.box],
+        "ssd_box": [round(v, 2) for v in r.ssd_box],
+        "timings_ms": {k: round(v, 2) for k, v in r.timings.items()},
+        "timings_without_localization_ms":
+            None if rf is None else {k: round(v, 2) for k, v in rf.timings.items()},
+        "request_ms": round(wall_ms, 1),
+    }
+    progress(1.0, desc="done")
+    return (
+        _headline(d, j, d0, why_not),
+        boxes,
+        full_with,
+        full_without,
+        before, after, warped, crop_overlay,
+        _timings_md(r, rf, draw_ms, wall_ms),
+        numbers,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+INTRO = """# Localize → segment → match
+Give an **object** (the *moving* image) and a **scene** that holds another example of it among
+other things (the *fixed* image). The app finds the object in the scene, cuts both out, and
+bends the object's shape onto the one it found. Pick an example below, then press **Register**.
+"""
+
+HOW_IT_WORKS = """### How it works
+1. **Localize.** A small detector (an SSD) looks at the scene *and* at your object, and boxes
+   the thing in the scene that matches it (red: its guess and confidence; green: that box
+   snapped to the shape inside).
+2. **Segment.** The object and the boxed part of the scene are cropped to one size and turned
+   into masks: which pixels belong to the shape.
+3. **Match.** A spatial transformer network reads both masks and bends a grid of control
+   points (a thin-plate spline) until the object's mask lies on the scene's.
+
+Why localize first? The matcher learns to bend one shape onto one shape. Given a whole scene,
+it cannot tell which shape to aim for and tries to cover them all. Cropping first hands it a
+fair problem: compare the two pictures at the top.
+"""
+
+LEGEND = ("<span style='color:rgb(40,120,255)'>■</span> fixed mask &nbsp; "
+          "<span style='color:rgb(255,150,20)'>■</span> warped moving mask &nbsp; "
+          "□ overlap (white)")
+
+
+def picture(caption: str, elem_id: str) -> gr.Image:
+    """An output picture under a caption (labels float over the picture in Gradio 6)."""
+    with gr.Column(min_width=120):
+        gr.Markdown(caption, elem_classes=["caption"])
+        return gr.Image(show_label=False, format="png", interactive=False, elem_id=elem_id,
+                        buttons=["fullscreen", "download"], elem_classes=["pixelated"])
+
+
+CSS = """
+.caption p { font-size: 0.85em; margin: 0; min-height: 2.6em; }
+.pixelated img { image-rendering: pixelated; }
+.upscale img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+"""
+
+
+def build(pipelines: dict[str, Pipeline]) -> gr.Blocks:
+    available = [d for d in DATASETS if d.name in pipelines]
+    with gr.Blocks(title="Localize → segment → match", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4, min_width=300):
+                dataset = gr.Dropdown([(d.label, d.name) for d in available],
+                                      value=available[0].name, label="Data set",
+                                      interactive=len(available) > 1)
+                with gr.Row():
+                    moving = ImageUpload(type="numpy", label="Moving (object)",
+                                         sources=["upload", "clipboard"], height=220,
+                                         elem_classes=["upscale"], elem_id="moving-input")
+                    fixed = ImageUpload(type="numpy", label="Fixed (scene)",
+                                        sources=["upload", "clipboard"], height=220,
+                                        elem_classes=["upscale"], elem_id="fixed-input")
+                about = gr.Textbox(label="About", interactive=False, max_lines=1)
+                with gr.Accordion("Optional: your own masks", open=False):
+                    gr.Markdown("White = object, black = background, the same size as its "
+                                "image. Without them the app thresholds the images itself. "
+                                "They are used on the *with localization* path only.")
+                    with gr.Row():
+                        moving_mask = ImageUpload(type="numpy", image_mode="L",
+                                                  label="Moving mask", height=160)
+                        fixed_mask = ImageUpload(type="numpy", image_mode="L",
+                                                 label="Fixed mask", height=160)
+                run = gr.Button("Register", variant="primary", elem_id="register-button")
+                example_cols = []
+                for d in available:
+                    items = load_examples(d)
+                    with gr.Column(visible=d.name == available[0].name) as col:
+                        if items:
+                            gr.Examples(
+                                [[it["moving"], it["fixed"], it["caption"]] for it in items],
+                                inputs=[moving, fixed, about], label=f"{d.label}: examples",
+                                examples_per_page=6)
+                    example_cols.append(col)
+
+            with gr.Column(scale=7, min_width=480):
+                headline = gr.Markdown("## Results appear here", label="Result",
+                                       elem_id="headline")
+                with gr.Row(equal_height=True):
+                    boxes_img = picture("**Found in the scene**: red, the detector's box; "
+                                        "green, snapped to the shape", "found")
+                    with_img = picture("**With localization**: pasted back into the scene",
+                                       "with-localization")
+                    without_img = picture("**Without localization**: the full-frame matcher",
+                                          "without-localization")
+                gr.Markdown(LEGEND)
+                with gr.Row(equal_height=True):
+                    before_img = picture("Moving crop, control grid (before)", "before")
+                    after_img = picture("Fixed crop, regular grid (after)", "after")
+                    warped_img = picture("Warped moving, fixed outline in blue", "warped")
+                    overlay_img = picture("Both masks on the crop", "crop-overlay")
+                with gr.Accordion("Timings and numbers", open=False):
+                    timings = gr.Markdown(label="Timings")
+                    numbers = gr.JSON(label="Numbers (for machines)", open=True)
+                gr.Markdown(HOW_IT_WORKS)
+
+        run.click(register, inputs=[dataset, moving, fixed, moving_mask, fixed_mask],
+                  outputs=[headline, boxes_img, with_img, without_img, before_img, after_img,
+                           warped_img, overlay_img, timings, numbers],
+                  api_name="register", concurrency_limit="default")
+        dataset.change(lambda name: [gr.Column(visible=d.name == name) for d in available],
+                       inputs=dataset, outputs=example_cols, api_visibility="private",
+                       queue=False)
+        for box in (moving, fixed):   # an own upload is no longer the example described
+            box.upload(lambda: "your upload", outputs=about, api_visibility="private",
+                       queue=False)
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    return demo
+
+
+PIPELINES = load_pipelines(DATASETS)
+demo = build(PIPELINES)
+
+
+
+def warm_up() -> None:
+    """One registration per pipeline on a sample pair, so the first visitor does not pay for
+    torch's first-call set-up. Runs after the server is up; failures are only logged."""
+    for d in DATASETS:
+        items = load_examples(d)
+        if d.name not in PIPELINES or not items:
+            continue
+        try:
+            m = np.asarray(PIL.Image.open(items[0]["moving"]).convert("RGB"))
+            f = np.asarray(PIL.Image.open(items[0]["fixed"]).convert("RGB"))
+            PIPELINES[d.name].register(m, f)
+            PIPELINES[d.name].register(m, f, localize=False)
+        except Exception:
+            log.exception("warm-up of %r failed", d.name)
+
+
+if __name__ == "__main__":
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                max_file_size="20mb", show_error=False, theme=gr.themes.Soft(), css=CSS,
+                prevent_thread_lock=True)
+    warm_up()
+    demo.block_thread()

@@ -30,6 +30,7 @@ if __name__ == "__main__":   # before the pipelines load, so their warnings are 
 ROOT = Path(__file__).resolve().parent
 
 # Two requests may run at once on a small CPU box; one thread each keeps them from fighting.
+torch.set_flush_denormal(True)   # before the thread pool starts: denormal weights slow convs
 torch.set_num_threads(int(os.environ.get("APP_TORCH_THREADS", "1")))
 
 MAX_UPLOAD_PIXELS = 16_000_000          # 4000 × 4000; refused from the file header, undecoded

@@ -24,7 +24,8 @@ DATASETS: dict[str, DatasetConfig] = {
     "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4, threshold=0.5),
 }
 
-DEFAULT_REFINE_STEPS = 10     # test-time refinement: +~0.07 Dice for a few ms (README)
+DEFAULT_REFINE_STEPS = 20     # test-time refinement steps: end-to-end Dice 0.75 → 0.865 (README)
+MAX_REFINE_SIDE = 64          # px; refinement resolution cap (cost grows with its square)
 MIN_SIDE = 8                  # px; smaller images cannot hold an object to match
 MAX_PIXELS = 40_000_000       # refuse absurd arrays outright
 WORK_SIDE = 512               # larger images are downscaled to this longest side to work on
@@ -399,7 +400,20 @@ class Pipeline:
         t["segment"] = time.perf_counter() - t0 + t.pop("segment_moving")
 
         t0 = time.perf_counter()
-        params = self._match_batch(np.stack(mov_masks), np.stack(fix_masks), refine_steps=steps)
+        params = self._match_batch(np.stack(mov_masks), np.stack(fix_masks))
+        if steps:
+            # refine against the fixed object at (up to) its native resolution: the 28×28 crop
+            # loses the thin strokes' boundaries that the full-frame result is judged on
+            refined = []
+            for i, pr in enumerate(prep):
+                side = pr["f_sq"][2] - pr["f_sq"][0]
+                n_px = int(np.clip(round(side), s, MAX_REFINE_SIDE))
+                fixed_hr = crop(pr["obj"].astype(np.float32), pr["f_sq"], n_px)
+                refined.append(self.matcher.refine(
+                    torch.from_numpy(mov_masks[i].astype(np.float32))[None, None],
+                    torch.from_numpy(fixed_hr)[None, None], params=params[i:i + 1],
+                    steps=steps))
+            params = torch.cat(refined)
         t["match"] = time.perf_counter() - t0
 
         results = []

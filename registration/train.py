@@ -120,6 +120,38 @@ def matcher_val_dice(model: Matcher, moving: torch.Tensor, fixed: torch.Tensor,
     return float(torch.cat(dices).mean()), float(torch.cat(ious).mean())
 
 
+def fit(model, batch_loss, validate, args, desc: str, weight_decay: float) -> dict:
+    """The loop both models share: Adam with L2 weight decay, warm-up + cosine over the budget,
+    validation every ``args.val_every`` steps. ``batch_loss()`` samples a batch and returns
+    (loss, parts); ``validate()`` returns a dict of validation figures."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=weight_decay)
+    log = []
+    t0 = time.time()
+    budget = Budget(args.steps, args.minutes)
+    bar = budget.bar(desc)
+    step = 0
+    while not budget.done(step):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(budget.progress(step), step, args.lr)
+        with autocast(args.bf16):
+            loss, _ = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        budget.tick(bar, step)
+        loss_v = float(loss.detach())
+        if step % args.val_every == 0:
+            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2),
+                        "loss": round(loss_v, 4), **validate()})
+            bar.write(str(log[-1]), file=sys.stdout)
+            sys.stdout.flush()
+        bar.set_postfix(loss=f"{loss_v:.3f}", refresh=False)
+    bar.close()
+    return {"wall_time_s": round(time.time() - t0, 1), "steps": step, "batch": args.batch,
+            **validate(), "log": log}
+
+
 def train_matcher(args, full: bool) -> dict:
     cfg = MatcherConfig(input_size=112 if full else 28, grid_size=16 if full else args.grid,
                         smooth_weight=args.smooth, fold_weight=args.fold)
@@ -128,39 +160,19 @@ def train_matcher(args, full: bool) -> dict:
     data = FullFramePairs("train", args.seed) if full else MnistPairs("train", args.seed)
     val_data = FullFramePairs("val", args.seed + 1) if full else MnistPairs("val", args.seed + 1)
     val_m, val_f = val_data.batch(args.val_pairs)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-4)  # paper: L2 1e-4
-    log = []
-    t0 = time.time()
-    budget = Budget(args.steps, args.minutes)
-    bar = budget.bar(f"train {'matcher-full' if full else 'matcher'}")
-    step = 0
-    while not budget.done(step):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(budget.progress(step), step, args.lr)
+
+    def batch_loss():
         m, f = data.batch(args.batch)
-        m = m.contiguous(memory_format=torch.channels_last)
-        f = f.contiguous(memory_format=torch.channels_last)
-        with autocast(args.bf16):
-            loss, parts = model.loss(m, f)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        budget.tick(bar, step)
-        if step % args.val_every == 0:
-            d, j = matcher_val_dice(model, val_m, val_f)
-            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2),
-                        "loss": round(float(loss.detach()), 4), "val_dice": round(d, 4),
-                        "val_iou": round(j, 4)})
-            bar.write(str(log[-1]))
-            sys.stdout.flush()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", dice=f"{parts['soft_dice']:.3f}", refresh=False)
-    bar.close()
-    wall = time.time() - t0
-    d, j = matcher_val_dice(model, val_m, val_f)
-    return {"model": model, "cfg": cfg,
-            "metrics": {"wall_time_s": round(wall, 1), "steps": step, "batch": args.batch, "val_dice": round(d, 4),
-                        "val_iou": round(j, 4), "val_pairs": args.val_pairs, "log": log}}
+        return model.loss(m.contiguous(memory_format=torch.channels_last),
+                          f.contiguous(memory_format=torch.channels_last))
+
+    def validate():
+        d, j = matcher_val_dice(model, val_m, val_f)
+        return {"val_dice": round(d, 4), "val_iou": round(j, 4)}
+
+    metrics = fit(model, batch_loss, validate, args,
+                  f"train {'matcher-full' if full else 'matcher'}", 1e-4)   # paper: L2 1e-4
+    return {"model": model, "cfg": cfg, "metrics": {**metrics, "val_pairs": args.val_pairs}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,35 +208,14 @@ def train_localizer(args) -> dict:
     model = Localizer(cfg).to(memory_format=torch.channels_last)
     gen = SceneGenerator("train", seed=args.seed)
     val = scene_tensors(SceneGenerator("val", seed=args.seed + 1).batch(args.val_pairs))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4)  # paper: L2 5e-4
-    log = []
-    t0 = time.time()
-    budget = Budget(args.steps, args.minutes)
-    bar = budget.bar(f"train localizer ({cfg.conditioning})")
-    step = 0
-    while not budget.done(step):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(budget.progress(step), step, args.lr)
+
+    def batch_loss():
         f, m, b = scene_tensors(gen.batch(args.batch))
-        with autocast(args.bf16):
-            loss, parts = model.loss(f.contiguous(memory_format=torch.channels_last), m, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        budget.tick(bar, step)
-        if step % args.val_every == 0:
-            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2),
-                        "loss": round(float(loss.detach()), 4), **localizer_val(model, *val)})
-            bar.write(str(log[-1]), file=sys.stdout)
-            sys.stdout.flush()
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-    bar.close()
-    wall = time.time() - t0
-    return {"model": model, "cfg": cfg,
-            "metrics": {"wall_time_s": round(wall, 1), "steps": step, "batch": args.batch,
-                        **localizer_val(model, *val),
-                        "val_scenes": args.val_pairs, "log": log}}
+        return model.loss(f.contiguous(memory_format=torch.channels_last), m, b)
+
+    metrics = fit(model, batch_loss, lambda: localizer_val(model, *val), args,
+                  f"train localizer ({cfg.conditioning})", 5e-4)   # paper: L2 5e-4
+    return {"model": model, "cfg": cfg, "metrics": {**metrics, "val_scenes": args.val_pairs}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     # (max steps, batch, lr, minutes)
-    defaults = {"matcher": (100000, 128, 1e-3, 18), "matcher-full": (100000, 32, 1e-3, 6),
+    defaults = {"matcher": (100000, 128, 1e-3, 19), "matcher-full": (100000, 32, 1e-3, 6),
                 "localizer": (100000, 32, 2e-3, 25)}[args.model]
     if args.minutes is None and args.steps is None:
         args.minutes = defaults[3]

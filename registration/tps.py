@@ -16,8 +16,6 @@ the offsets at the K control points. So control point ``c_k`` samples the moving
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .coords import identity_grid
@@ -167,10 +165,3 @@ def warp_image(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") 
 def n_params(grid_size: int) -> int:
     """Length of a parameter vector for a grid_size × grid_size control grid."""
     return N_AFFINE + 2 * int(grid_size) ** 2
-
-
-def grid_side(n_ctrl: int) -> int:
-    s = int(round(math.sqrt(n_ctrl)))
-    if s * s != n_ctrl:
-        raise ValueError(f"n_ctrl: expected a square number, got {n_ctrl}")
-    return s

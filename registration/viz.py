@@ -114,10 +114,6 @@ def title_bar(rgb: np.ndarray, text: str, colour=(255, 255, 255), height: int = 
     return np.concatenate([band, rgb[..., :3]], axis=0)
 
 
-def legend_text(dice: float, iou: float) -> str:
-    return f"Dice {dice:.3f} · IoU {iou:.3f}"
-
-
 def summary_figure(rows: list[dict], path: str | None = None):
     """A matplotlib figure, one row per example. Each row dict holds ``fixed`` (image),
     ``result`` (localized Result), ``result_full`` (no-localization Result or None) and

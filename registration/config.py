@@ -20,6 +20,9 @@ class MatcherConfig:
     leaky_slope: float = 1e-4     # paper: leaky ReLU α = 1e-4
     smooth_weight: float = 1.0    # λ in the paper's loss (eq. 3)
     fold_weight: float = 1.0      # penalty on negative Jacobian determinants of the dense warp
+    # cascade: at inference the network is applied this many times, each pass to the moving
+    # mask as warped so far, and the warps are composed into one TPS (1 = the paper's one shot)
+    passes: int = 1
     kind: str = "matcher"
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, metrics
+from .losses import jacobian_det
 
 PAPER = {  # the paper's Table 4 (MNIST)
     "matching": {"dice": 0.79, "iou": 0.66},
@@ -45,48 +46,66 @@ def _pair_scores(warped: np.ndarray, fixed: np.ndarray) -> dict:
 
 
 def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
-                     refine: tuple[int, ...] = (0, 5, 10, 25)) -> dict:
-    """Mean Dice / IoU on n held-out same-class mask pairs for the identity, the matcher alone
-    and the matcher + k steps of test-time refinement; ms per pair (one pair at a time, median)
-    and pairs/s in batches of 256."""
+                     refine: tuple[int, ...] = (0, 3, 5, 10, 25), folder: str | None = None) -> dict:
+    """Mean Dice / IoU on n held-out same-class mask pairs for the identity, the network in one
+    pass and in its default cascade, and + k steps of test-time refinement; the share of pixels
+    where the warp folds (det J ≤ 0); ms per pair (one pair at a time, median) and pairs/s in
+    batches of 256. ``folder`` evaluates a checkpoint folder instead of the shipped one."""
     from .data import mnist
-    model = checkpoint.load(dataset, "matcher")
+    model = checkpoint.load_folder(folder) if folder else checkpoint.load(dataset, "matcher")
+    model = model.to(memory_format=torch.channels_last)
     mov, fix = mnist.eval_pairs(n, seed)
     m = torch.from_numpy(mov).float().unsqueeze(1)
     f = torch.from_numpy(fix).float().unsqueeze(1)
     res = {"no warp (identity)": _pair_scores(mov, fix)}
-    res["no warp (identity)"].update(ms_per_pair=0.0)
+    res["no warp (identity)"].update(ms_per_pair=0.0, folding_pixels=0.0)
 
-    def run(mm, ff, k):
-        p = model.refine(mm, ff, steps=k)
+    def run(mm, ff, k, passes):
         with torch.no_grad():
-            return model.warp(mm, p) > 0.5
+            p = model.predict(mm, ff, passes)
+        if k:
+            p = model.refine(mm, ff, p, steps=k)
+        with torch.no_grad():
+            return model.warp(mm, p) > 0.5, p
 
-    for k in refine:
-        name = "this matcher" if k == 0 else f"this matcher + {k} refinement steps"
-        warped = torch.cat([run(m[i:i + 256], f[i:i + 256], k) for i in range(0, n, 256)])
+    passes = model.cfg.passes
+    variants = [(0, 1)] if passes == 1 else [(0, 1), (0, passes)]
+    variants += [(k, passes) for k in refine if k]
+    for k, ps in variants:
+        name = (f"this matcher, {ps} pass{'es' if ps > 1 else ''}"
+                + (f" + {k} refinement steps" if k else ""))
+        outs = [run(m[i:i + 256], f[i:i + 256], k, ps) for i in range(0, n, 256)]
+        warped = torch.cat([o[0] for o in outs])
+        params = torch.cat([o[1] for o in outs])
         res[name] = _pair_scores(warped.numpy()[:, 0], fix)
+        with torch.no_grad():
+            det = jacobian_det(model.grid(params, (28, 28)))
+        res[name]["folding_pixels"] = float((det <= 0).float().mean())
+        res[name]["folding_pairs"] = float((det <= 0).flatten(1).any(1).float().mean())
         reps = 200 if k <= 10 else 60
         times = []
         for i in range(reps + 10):
             t0 = time.perf_counter()
-            run(m[i:i + 1], f[i:i + 1], k)
+            run(m[i:i + 1], f[i:i + 1], k, ps)
             times.append(time.perf_counter() - t0)
         res[name]["ms_per_pair"] = statistics.median(times[10:]) * 1e3
         t0 = time.perf_counter()
         for i in range(0, n, 256):
-            run(m[i:i + 256], f[i:i + 256], k)
+            run(m[i:i + 256], f[i:i + 256], k, ps)
         res[name]["pairs_per_s_batch256"] = n / (time.perf_counter() - t0)
-    rows = [["paper (Table 4)", PAPER["matching"]["dice"], PAPER["matching"]["iou"], "—", "—"]]
+    rows = [["paper (Table 4)", PAPER["matching"]["dice"], PAPER["matching"]["iou"], "—", "—",
+             "—"]]
     for name, v in res.items():
         pps = v.get("pairs_per_s_batch256")
-        rows.append([name, v["dice"], v["iou"], f"{v['ms_per_pair']:.2f}",
-                     f"{pps:,.0f}" if pps else "—"])
-    table = _table(["method", "Dice", "IoU", "ms/pair (1 pair)", "pairs/s (batch 256)"], rows)
+        rows.append([name, v["dice"], v["iou"], f"{100 * v['folding_pixels']:.3f} %",
+                     f"{v['ms_per_pair']:.2f}", f"{pps:,.0f}" if pps else "—"])
+    table = _table(["method", "Dice", "IoU", "folding pixels", "ms/pair (1 pair)",
+                    "pairs/s (batch 256)"], rows)
     print(f"MNIST matcher, {n} held-out same-class pairs (test rows, seed {seed}), "
           f"{torch.get_num_threads()} threads\n")
     print(table)
     payload = {"dataset": dataset, "pairs": n, "seed": seed, "threads": torch.get_num_threads(),
+               "checkpoint": folder or f"checkpoints/{dataset}/matcher",
                "results": res, "paper": PAPER["matching"], "table": table}
     print(f"\nwrote {_write(out, f'{dataset}_matcher', payload)}")
     return payload
@@ -194,13 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="reports")
     p.add_argument("--no-figure", dest="figure", action="store_false")
+    p.add_argument("--checkpoint", default=None,
+                   help="matcher: evaluate this checkpoint folder instead of the shipped one")
     p.add_argument("--refine-steps", type=int, default=None,
                    help="pipeline: test-time refinement steps (default: the pipeline's)")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)   # before the thread pool starts (see train.py)
     torch.set_num_threads(args.threads)
     if args.what == "matcher":
-        evaluate_matcher(args.dataset, args.n, args.seed, Path(args.out))
+        evaluate_matcher(args.dataset, args.n, args.seed, Path(args.out),
+                         folder=args.checkpoint)
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
                           args.refine_steps)

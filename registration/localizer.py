@@ -85,10 +85,20 @@ class Localizer(nn.Module):
         else:
             x, emb = fixed, self.query(moving)
         outs = []
+        last = len(self.blocks) - 1
+        pooled = True
         for i, block in enumerate(self.blocks):
-            if i > 0:
+            if not pooled:
                 x = F.max_pool2d(x, 2)
-            x = block(x)
+            conv, bn, act = block
+            x = bn(conv(x))
+            # ELU is monotonic, so pooling before it gives the same result on 4× fewer values;
+            # only where nothing (FiLM, a head) needs the unpooled activations
+            pooled = i < last and i not in cfg.head_layers and (emb is None
+                                                                 or str(i) not in self.film)
+            if pooled:
+                x = F.max_pool2d(x, 2)
+            x = act(x)
             if emb is not None and str(i) in self.film:
                 gamma, beta = self.film[str(i)](emb).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
                 x = x * (1 + gamma) + beta
@@ -100,6 +110,20 @@ class Localizer(nn.Module):
             preds.append(p.reshape(p.shape[0], -1, 5))
         p = torch.cat(preds, dim=1)
         return p[..., 0], p[..., 1:]
+
+    def for_inference(self) -> "Localizer":
+        """An eval-mode copy with every BatchNorm folded into its convolution (same outputs up
+        to float rounding, fewer passes over the 112×112 feature maps) in channels-last layout."""
+        import copy
+
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        m = copy.deepcopy(self).eval()
+        for seq in [*m.blocks, *(b for b in (m.query.net if hasattr(m, "query") else [])
+                                 if isinstance(b, nn.Sequential))]:
+            if isinstance(seq[1], nn.BatchNorm2d):
+                seq[0] = fuse_conv_bn_eval(seq[0], seq[1])
+                seq[1] = nn.Identity()
+        return m.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor):

@@ -24,7 +24,7 @@ DATASETS: dict[str, DatasetConfig] = {
     "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4, threshold=0.5),
 }
 
-DEFAULT_REFINE_STEPS = 20     # test-time refinement steps: end-to-end Dice 0.75 → 0.865 (README)
+DEFAULT_REFINE_STEPS = 10     # test-time refinement steps: end-to-end Dice 0.78 → 0.85 (README)
 MAX_REFINE_SIDE = 64          # px; refinement resolution cap (cost grows with its square)
 MIN_SIDE = 8                  # px; smaller images cannot hold an object to match
 MAX_PIXELS = 40_000_000       # refuse absurd arrays outright
@@ -227,9 +227,12 @@ class Pipeline:
 
     def __init__(self, matcher, localizer=None, matcher_full=None,
                  dataset: DatasetConfig | None = None, refine_steps: int = 0):
-        self.matcher = matcher.eval()
-        self.localizer = localizer.eval() if localizer is not None else None
-        self.matcher_full = matcher_full.eval() if matcher_full is not None else None
+        # inference layouts: channels-last convolutions run ~1.4× faster on CPU here, and the
+        # localizer's BatchNorms are folded into its convolutions
+        self.matcher = matcher.eval().to(memory_format=torch.channels_last)
+        self.localizer = localizer.for_inference() if localizer is not None else None
+        self.matcher_full = (matcher_full.eval().to(memory_format=torch.channels_last)
+                             if matcher_full is not None else None)
         self.dataset = dataset or DatasetConfig()
         # test-time refinement: Adam steps on each pair's TPS parameters after the network's
         # one-shot prediction (0 = the network alone, fastest)
@@ -262,7 +265,7 @@ class Pipeline:
         if refine_steps:
             return matcher.refine(m, f, steps=refine_steps)
         with torch.no_grad():
-            return matcher(m, f).float()
+            return matcher.predict(m, f)
 
     def _crop_result(self, params: torch.Tensor, mov_crop, mov_mask, fix_crop, fix_mask,
                      matcher=None) -> dict:
@@ -446,10 +449,17 @@ class Pipeline:
         sl, pts = paste_points(square, shape)
         if sl is None:
             return out
-        src = self.matcher.warp_points(torch.from_numpy(pts), params[None])
-        grid = src.reshape(1, sl[0].stop - sl[0].start, sl[1].stop - sl[1].start, 2)
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        s = mov_mask.shape[0]
+        # The TPS grid is smooth: sample it on the S×S crop's pixel centres (cached basis) and
+        # interpolate it bilinearly at the frame's pixels, instead of evaluating the spline's
+        # log-kernels at every frame pixel (same mask up to a fraction of a pixel, ~5× faster)
+        coarse = self.matcher.grid(params[None].float(), (s, s)).permute(0, 3, 1, 2)
+        at = torch.from_numpy(pts).reshape(1, h, w, 2)
+        grid = torch.nn.functional.grid_sample(coarse, at, mode="bilinear",
+                                               padding_mode="border", align_corners=False)
         m = torch.from_numpy(mov_mask.astype(np.float32))[None, None]
-        out[sl] = tps.warp_image(m, grid)[0, 0].numpy() > 0.5
+        out[sl] = tps.warp_image(m, grid.permute(0, 2, 3, 1))[0, 0].numpy() > 0.5
         return out
 
     @staticmethod

@@ -49,7 +49,12 @@ def tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     _check_points(a, "a")
     _check_points(b, "b")
-    r2 = ((a.unsqueeze(-2) - b.unsqueeze(-3)) ** 2).sum(-1)
+    if a.ndim == 2 and b.ndim == 2 and not (a.requires_grad or b.requires_grad):
+        # |a|² + |b|² − 2a·b: one matmul instead of an (N, M, 2) difference tensor
+        r2 = (torch.addmm((a * a).sum(1, keepdim=True), a, b.T, alpha=-2)
+              + (b * b).sum(1)).clamp_min_(0)
+    else:
+        r2 = ((a.unsqueeze(-2) - b.unsqueeze(-3)) ** 2).sum(-1)
     # r2 * log(r2) → 0 as r2 → 0; clamp keeps log finite and its gradient defined
     return r2 * torch.log(r2.clamp_min(1e-20))
 
@@ -160,6 +165,96 @@ def warp_image(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") 
         raise ValueError(f"image: expected (B, C, H, W), got {tuple(image.shape)}")
     return torch.nn.functional.grid_sample(image, grid.to(image.dtype), mode=mode,
                                            padding_mode="zeros", align_corners=False)
+
+
+def param_matrix(points: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The linear map from parameters to displacements at ``points``.
+
+    points: (N, 2); basis: (N, K) from :func:`tps_basis` → (2N, 6 + 2K) matrix L with
+    ``warp_points(points, p) - points == (L @ p).reshape(N, 2)`` for any parameters p.
+    """
+    n, k = basis.shape
+    ones = torch.ones_like(points[:, :1])
+    homog = torch.cat([points, ones], dim=1)                        # (N, 3)
+    out = points.new_zeros(n, 2, N_AFFINE + 2 * k)
+    out[:, 0, 0:3] = homog                                          # x' row of A
+    out[:, 1, 3:6] = homog                                          # y' row of A
+    out[:, 0, N_AFFINE::2] = basis                                  # x offsets
+    out[:, 1, N_AFFINE + 1::2] = basis                              # y offsets
+    return out.reshape(2 * n, N_AFFINE + 2 * k)
+
+
+def canonical_matrix(ctrl: torch.Tensor) -> torch.Tensor:
+    """(P, P) matrix C with ``canonical_params(p, ctrl) == p @ C.T`` (the map is linear)."""
+    k = ctrl.shape[0]
+    eye = torch.eye(N_AFFINE + 2 * k, dtype=ctrl.dtype, device=ctrl.device)
+    return canonical_params(eye, ctrl).T
+
+
+def canonical_params(params: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
+    """The same warp with the affine part of the offsets moved into the affine parameters.
+
+    (A, d) and (A + E, d - E·[c; 1]) give the same warp for any 2×3 matrix E, because the
+    spline reproduces affine offsets exactly. The canonical form keeps offsets orthogonal to
+    affine functions of the control points, so smoothness penalises only the non-affine part.
+    params: (B, 6 + 2K); ctrl: (K, 2) → (B, 6 + 2K).
+    """
+    k = ctrl.shape[0]
+    theta, offsets = split_params(params, k)
+    homog = torch.cat([ctrl, torch.ones_like(ctrl[:, :1])], 1).to(params.dtype)   # (K, 3)
+    e = (torch.linalg.pinv(homog) @ offsets).transpose(1, 2)                     # (B, 2, 3)
+    return torch.cat([(params[:, :N_AFFINE].reshape(-1, 2, 3) + e).reshape(-1, N_AFFINE),
+                      (offsets - homog @ e.transpose(1, 2)).reshape(-1, 2 * k)], 1)
+
+
+def compose_params(outer: torch.Tensor, inner: torch.Tensor, ctrl: torch.Tensor,
+                   points: torch.Tensor, proj: torch.Tensor | None = None,
+                   basis: torch.Tensor | None = None,
+                   coef: torch.Tensor | None = None) -> torch.Tensor:
+    """Parameters of the TPS closest (least squares over ``points``) to ``outer ∘ inner``,
+    the warp x ↦ outer(inner(x)), in canonical form (see :func:`canonical_params`).
+
+    This is how a cascade composes: warping the moving image by ``outer`` and the result by
+    ``inner`` samples the moving image at outer(inner(x)). The composition is evaluated
+    exactly at ``points``; only the fit back to one TPS approximates.
+
+    outer, inner: (B, 6 + 2K); ctrl: (K, 2); points: (N, 2) where the fit is made (e.g. the
+    pixel centres of the output). Cached pieces, all optional: proj (P, 2N), the map from
+    displacements at ``points`` to canonical parameters (:func:`composition_projector`);
+    basis (N, K) = ``tps_basis(points, ctrl)``; coef = ``tps_coefficients(ctrl)``.
+    Returns (B, 6 + 2K).
+    """
+    _check_points(points, "points")
+    b, k = outer.shape[0], ctrl.shape[0]
+    if inner.shape != outer.shape:
+        raise ValueError(f"inner: expected outer's shape {tuple(outer.shape)}, "
+                         f"got {tuple(inner.shape)}")
+    if coef is None:
+        coef = tps_coefficients(ctrl)
+    if basis is None:
+        basis = tps_basis(points, ctrl, coef)
+    if proj is None:
+        proj = composition_projector(ctrl, points, coef)
+    mid = warp_points_with_basis(points, basis.to(points.dtype), inner.to(points.dtype))
+    flat = mid.reshape(-1, 2)
+    basis_mid = tps_basis(flat, ctrl, coef).reshape(b, -1, k)
+    theta, offsets = split_params(outer, k)
+    target = (flat.reshape(b, -1, 2) @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
+              + basis_mid @ offsets)
+    disp = (target - points).reshape(b, -1)                                    # (B, 2N)
+    return disp @ proj.T.to(disp.dtype)
+
+
+def composition_projector(ctrl: torch.Tensor, points: torch.Tensor,
+                          coef: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, 2N) least-squares map from displacements at ``points`` (N, 2), flattened (x, y)
+    per point, to canonical TPS parameters; computed in float64, returned in points' dtype."""
+    p64, c64 = points.to(torch.float64), ctrl.to(torch.float64)
+    lin = param_matrix(p64, tps_basis(p64, c64, None if coef is None else coef.double()))
+    # the affine part is represented twice (A and affine offsets), so lin has a 6-dimensional
+    # null space; its singular values are ~1e-14 (or ~1e-8 from a float32 coef) against ≥ 1 for
+    # the rest, and must be cut, not inverted
+    return (canonical_matrix(c64) @ torch.linalg.pinv(lin, rtol=1e-6)).to(points.dtype)
 
 
 def n_params(grid_size: int) -> int:

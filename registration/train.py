@@ -110,7 +110,7 @@ def matcher_val_dice(model: Matcher, moving: torch.Tensor, fixed: torch.Tensor,
     dices, ious = [], []
     for i in range(0, len(moving), bs):
         m, f = moving[i:i + bs], fixed[i:i + bs]
-        w = model.warp(m, model(m, f)) > 0.5
+        w = model.warp(m, model.predict(m, f)) > 0.5
         f = f > 0.5
         inter = (w & f).sum((1, 2, 3)).float()
         s = w.sum((1, 2, 3)).float() + f.sum((1, 2, 3)).float()
@@ -154,15 +154,24 @@ def fit(model, batch_loss, validate, args, desc: str, weight_decay: float) -> di
 
 def train_matcher(args, full: bool) -> dict:
     cfg = MatcherConfig(input_size=112 if full else 28, grid_size=16 if full else args.grid,
-                        smooth_weight=args.smooth, fold_weight=args.fold)
+                        smooth_weight=args.smooth, fold_weight=args.fold,
+                        passes=args.passes if args.passes else (1 if full else 3))
     torch.manual_seed(args.seed)
     model = Matcher(cfg).to(memory_format=torch.channels_last)
     data = FullFramePairs("train", args.seed) if full else MnistPairs("train", args.seed)
     val_data = FullFramePairs("val", args.seed + 1) if full else MnistPairs("val", args.seed + 1)
     val_m, val_f = val_data.batch(args.val_pairs)
 
+    n_cascade = int(round(args.batch * args.cascade)) if cfg.passes > 1 else 0
+
     def batch_loss():
         m, f = data.batch(args.batch)
+        if n_cascade:
+            # self-cascade: part of the batch starts from the model's own current warp, so the
+            # same network learns the later passes' small corrections (no gradient through it)
+            with torch.no_grad():
+                m[:n_cascade] = model.warp(m[:n_cascade],
+                                           model(m[:n_cascade], f[:n_cascade]).float())
         return model.loss(m.contiguous(memory_format=torch.channels_last),
                           f.contiguous(memory_format=torch.channels_last))
 
@@ -232,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid", type=int, default=8, help="matcher control grid side (√K)")
     p.add_argument("--smooth", type=float, default=1.0, help="λ, smoothness weight")
     p.add_argument("--fold", type=float, default=1.0, help="negative-Jacobian penalty weight")
+    p.add_argument("--passes", type=int, default=None,
+                   help="matcher cascade passes at inference (default 3; matcher-full 1)")
+    p.add_argument("--cascade", type=float, default=0.5,
+                   help="share of each matcher batch pre-warped by the model itself")
     p.add_argument("--conditioning", default="film", choices=["film", "stack"])
     p.add_argument("--val-pairs", type=int, default=1000)
     p.add_argument("--val-every", type=int, default=500)

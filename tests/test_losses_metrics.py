@@ -52,3 +52,26 @@ def test_loss_at_identity_is_one_minus_dice():
     b[..., 5:20, 10:18] = 1
     loss, parts = m.loss(a, b)
     assert abs(float(loss) - (1 - float(losses.soft_dice(a, b).mean()))) < 1e-5
+
+
+def test_jacobian_metric_identity_reflection_and_folding():
+    zero = np.zeros((12, 10, 2))
+    assert np.allclose(metrics.jacobian_determinant(zero), 1)
+    assert metrics.folding(zero) == 0
+    ys, xs = np.mgrid[0:12, 0:10]
+    mirror = np.stack([(9 - xs) - xs, np.zeros_like(ys)], -1).astype(float)   # x ↦ 9 - x
+    assert np.allclose(metrics.jacobian_determinant(mirror), -1)
+    assert metrics.folding(mirror) == 1
+    # a TPS grid from the identity parameters is the zero displacement
+    g = tps.tps_grid(torch.zeros(1, tps.n_params(4)), tps.control_grid(4), (12, 10))[0]
+    assert np.allclose(metrics.grid_to_displacement(g.numpy()), 0, atol=1e-5)
+
+
+def test_hausdorff95_of_a_shift_is_the_shift():
+    a = np.zeros((40, 40), bool)
+    a[10:25, 8:22] = True
+    for k in (1, 3, 5):
+        b = np.roll(a, k, axis=1)
+        assert abs(metrics.hausdorff95(a, b) - k) < 1e-3
+    assert metrics.hausdorff95(a, a) == 0
+    assert metrics.hausdorff95(a, np.zeros_like(a)) == float("inf")

@@ -83,3 +83,63 @@ def test_bad_shapes_raise_with_expected_and_got():
         tps.warp_points(torch.zeros(3, 3), torch.zeros(1, 14), tps.control_grid(2))
     with pytest.raises(ValueError, match="grid_size"):
         tps.control_grid(1)
+
+
+def test_param_matrix_is_the_warp_linear_map():
+    torch.manual_seed(0)
+    ctrl = tps.control_grid(4, torch.float64)
+    pts = torch.rand(50, 2, dtype=torch.float64) * 2 - 1
+    params = torch.randn(3, tps.n_params(4), dtype=torch.float64) * 0.1
+    lin = tps.param_matrix(pts, tps.tps_basis(pts, ctrl))
+    want = tps.warp_points(pts, params, ctrl) - pts
+    got = (params @ lin.T).reshape(3, 50, 2)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_composing_with_the_identity_changes_nothing():
+    torch.manual_seed(1)
+    ctrl = tps.control_grid(5, torch.float64)
+    pts = identity_grid((16, 16), torch.float64).reshape(-1, 2)
+    p = torch.randn(2, tps.n_params(5), dtype=torch.float64) * 0.05
+    zero = torch.zeros_like(p)
+    want = tps.warp_points(pts, p, ctrl)
+    for got in (tps.compose_params(p, zero, ctrl, pts), tps.compose_params(zero, p, ctrl, pts)):
+        assert torch.allclose(tps.warp_points(pts, got, ctrl), want, atol=1e-8)
+        assert torch.allclose(got, tps.canonical_params(p, ctrl), atol=1e-8)
+
+
+def test_canonical_params_keep_the_warp_and_move_affine_offsets_to_the_affine_part():
+    ctrl = tps.control_grid(4, torch.float64)
+    e = torch.tensor([[0.1, -0.2, 0.05], [0.3, 0.1, -0.1]], dtype=torch.float64)
+    offsets = torch.cat([ctrl, torch.ones(16, 1, dtype=torch.float64)], 1) @ e.T   # affine
+    p = torch.cat([torch.zeros(6, dtype=torch.float64), offsets.reshape(-1)])[None]
+    c = tps.canonical_params(p, ctrl)
+    assert torch.allclose(c[0, :6], e.reshape(6), atol=1e-10)
+    assert torch.allclose(c[0, 6:], torch.zeros(32, dtype=torch.float64), atol=1e-10)
+    pts = torch.rand(30, 2, dtype=torch.float64) * 2 - 1
+    assert torch.allclose(tps.warp_points(pts, c, ctrl), tps.warp_points(pts, p, ctrl),
+                          atol=1e-10)
+
+
+def test_composing_two_affines_multiplies_their_matrices():
+    ctrl = tps.control_grid(4, torch.float64)
+    pts = identity_grid((12, 12), torch.float64).reshape(-1, 2)
+    a = torch.tensor([[0.9, 0.1, 0.05], [-0.2, 1.1, -0.1]], dtype=torch.float64)
+    b = torch.tensor([[1.2, 0.0, 0.1], [0.1, 0.8, 0.2]], dtype=torch.float64)
+    to_params = lambda m: torch.cat([(m - torch.eye(2, 3, dtype=m.dtype)).reshape(6),
+                                     torch.zeros(32, dtype=m.dtype)])[None]
+    got = tps.compose_params(to_params(a), to_params(b), ctrl, pts)
+    # outer(inner(x)) = A·(B·x + b) + a
+    sq = lambda m: torch.cat([m, torch.tensor([[0, 0, 1.0]], dtype=m.dtype)])
+    want = to_params((sq(a) @ sq(b))[:2])
+    assert torch.allclose(got, want, atol=1e-8)
+
+
+def test_composition_projector_ignores_rounding_in_the_coefficients():
+    # the parameterisation has a null space (affine twice); float32 rounding of the spline
+    # coefficients must not leak into the fit through it
+    ctrl = tps.control_grid(8)
+    pts = identity_grid((28, 28)).reshape(-1, 2)
+    exact = tps.composition_projector(ctrl, pts)
+    rounded = tps.composition_projector(ctrl, pts, tps.tps_coefficients(ctrl).float())
+    assert (exact - rounded).abs().max() < 1e-4

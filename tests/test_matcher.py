@@ -1,0 +1,98 @@
+import torch
+
+from registration import tps
+from registration.config import LocalizerConfig, MatcherConfig
+from registration.localizer import Localizer
+from registration.losses import matcher_loss
+from registration.matcher import Matcher
+
+
+def _reference_refine(model, moving, fixed, p0, steps, lr=0.02):
+    """Refinement written the plain way: autograd through tps_grid and matcher_loss, torch Adam."""
+    p = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
+    size = tuple(fixed.shape[-2:])
+    for _ in range(steps):
+        grid = tps.tps_grid(p, model.ctrl, size)
+        warped = tps.warp_image(moving, grid)
+        _, offsets = tps.split_params(p, model.n_ctrl)
+        loss, _ = matcher_loss(warped, fixed, offsets, grid, model.cfg.smooth_weight,
+                               model.cfg.fold_weight)
+        opt.zero_grad()
+        (loss * len(p)).backward()
+        opt.step()
+    return p.detach()
+
+
+def test_fast_refinement_equals_the_plain_autograd_version():
+    torch.manual_seed(0)
+    model = Matcher(MatcherConfig(grid_size=4, smooth_weight=0.5, fold_weight=2.0))
+    moving = (torch.rand(3, 1, 28, 28) > 0.6).float()
+    fixed = (torch.rand(3, 1, 20, 24) > 0.6).float()      # refinement works at any fixed size
+    p0 = torch.randn(3, tps.n_params(4)) * 0.1               # some folding, so μ matters
+    want = _reference_refine(model, moving, fixed, p0, steps=8)
+    got = model.refine(moving, fixed, p0, steps=8)
+    assert (want - p0).abs().max() > 0.05                    # the steps did move the parameters
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_one_pass_predict_is_the_network_and_two_passes_compose():
+    torch.manual_seed(0)
+    model = Matcher(MatcherConfig(passes=2)).eval()
+    torch.nn.init.normal_(model.head.weight, std=1e-3)       # a non-identity network
+    m = (torch.rand(2, 1, 28, 28) > 0.7).float()
+    f = (torch.rand(2, 1, 28, 28) > 0.7).float()
+    with torch.no_grad():
+        p1 = model(m, f)
+        assert torch.allclose(model.predict(m, f, passes=1), p1)
+        p2 = model(model.warp(m, p1), f)
+        want = tps.compose_params(p1, p2, model.ctrl, _pixel_centres(28))
+        assert torch.allclose(model.predict(m, f), want, atol=1e-4), (model.predict(m, f) - want).abs().max()
+
+
+def _pixel_centres(s):
+    from registration.coords import identity_grid
+    return identity_grid((s, s)).reshape(-1, 2)
+
+
+def _reference_localizer_forward(model, fixed, moving):
+    """Conv → BN → ELU, then pool, layer by layer: Table 1 written out without the pooling
+    reorder."""
+    import torch.nn.functional as F
+    x, emb = fixed, model.query(moving)
+    outs = []
+    for i, block in enumerate(model.blocks):
+        if i > 0:
+            x = F.max_pool2d(x, 2)
+        x = block(x)
+        if str(i) in model.film:
+            gamma, beta = model.film[str(i)](emb)[..., None, None].chunk(2, dim=1)
+            x = x * (1 + gamma) + beta
+        if i in model.cfg.head_layers:
+            outs.append(x)
+    preds = [h(o).permute(0, 2, 3, 1).reshape(len(x), -1, 5) for o, h in zip(outs, model.heads)]
+    p = torch.cat(preds, 1)
+    return p[..., 0], p[..., 1:]
+
+
+def test_localizer_pooling_reorder_and_folded_batchnorm_change_nothing():
+    torch.manual_seed(0)
+    model = Localizer(LocalizerConfig())
+    for mod in model.modules():             # non-trivial BN statistics and FiLM
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    for lin in model.film.values():
+        torch.nn.init.normal_(lin.weight, std=0.1)
+    model.eval()
+    fixed, moving = torch.rand(2, 1, 112, 112), torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        want = _reference_localizer_forward(model, fixed, moving)
+        got = model(fixed, moving)
+        fast = model.for_inference()(fixed, moving)
+    for w, g, f in zip(want, got, fast):
+        assert torch.allclose(g, w, atol=1e-5)
+        assert torch.allclose(f, w, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.for_inference().modules())

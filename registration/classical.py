@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 # chosen by ``python benchmarks/peers.py --tune`` on 100 training pairs
-DEMONS_ITERATIONS = 100
-DEMONS_STD = 1.0
+DEMONS_ITERATIONS = 400
+DEMONS_STD = 0.5
 
 
 def available() -> bool:

@@ -6,18 +6,23 @@ choose where it listens; default 127.0.0.1:7860).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import importlib.util
+import io
 import json
 import logging
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from registration import viz
@@ -106,41 +111,115 @@ def _no_pyi_stub():
         meta.create_or_modify_pyi = original
 
 
+def _too_large(what: str, size: tuple[int, int] | None = None) -> gr.Error:
+    dims = f"{size[0]}×{size[1]} pixels is" if size else "the image is"
+    return gr.Error(f"{what}: {dims} too large; the limit is "
+                    f"{MAX_UPLOAD_PIXELS / 1e6:.0f} million pixels.", print_exception=False)
+
+
+def _unreadable(what: str) -> gr.Error:
+    return gr.Error(f"{what}: this file could not be read as an image (it is not one, or it is "
+                    "damaged or incomplete). Please upload a PNG, JPEG, BMP, WebP, GIF or TIFF "
+                    "picture.", print_exception=False)
+
+
+def _stretch(a: np.ndarray, what: str) -> np.ndarray:
+    """16-bit, 32-bit or float pixels → uint8, their own finite range stretched to 0–255 (such
+    files have no agreed display range); NaN and infinity become background (the minimum)."""
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise gr.Error(f"{what}: the image holds no numbers (only NaN or infinity).",
+                       print_exception=False)
+    lo, hi = a[finite].min(), a[finite].max()
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.round((np.where(finite, a, lo) - lo) * (255 / (hi - lo))).astype(np.uint8)
+
+
+def _flatten(im: PIL.Image.Image) -> PIL.Image.Image:
+    """Transparent pixels shown on a background the visible ones stand out from: black behind
+    light ink, white behind dark ink (a browser would show either on its page colour)."""
+    rgba = np.asarray(im.convert("RGBA"), np.float32)
+    alpha = rgba[..., 3:] / 255
+    if alpha.min() >= 1:
+        return im.convert("RGB")
+    lum = rgba[..., :3].mean(axis=2)
+    weight = float(alpha.sum())
+    ink = float((lum * alpha[..., 0]).sum()) / weight if weight > 0 else 0.0
+    background = 0.0 if ink > 127.5 else 255.0
+    rgb = rgba[..., :3] * alpha + background * (1 - alpha)
+    return PIL.Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+
+
+def decode_image(source, what: str = "image", mode: str = "RGB") -> np.ndarray:
+    """An uploaded file → what the handler gets: (H, W, 3) uint8 for ``mode`` "RGB", (H, W)
+    uint8 for "L". ``source``: a path or a binary file object.
+
+    Refused with a plain ``gr.Error``: files that are not images or are damaged or truncated,
+    and more than ``MAX_UPLOAD_PIXELS`` (read from the header, before anything is decoded, so a
+    decompression bomb costs nothing). Everything else is decoded as people see it: EXIF
+    orientation applied, the first frame of an animation, transparency flattened by
+    :func:`_flatten`, 16-bit / 32-bit / float images by :func:`_stretch`, palettes and CMYK
+    converted.
+    """
+    try:
+        im = PIL.Image.open(source)
+    except PIL.Image.DecompressionBombError:   # above 2 × MAX_IMAGE_PIXELS PIL refuses itself
+        raise _too_large(what) from None
+    except Exception as e:
+        log.info("unreadable upload for %s: %s", what, _plain(str(e)))
+        raise _unreadable(what) from None
+    with im:
+        w, h = im.size
+        if w * h > MAX_UPLOAD_PIXELS:
+            raise _too_large(what, (w, h))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # EXIF and palette-transparency chatter
+                im.seek(0)                        # an animation: its first frame
+                im.load()                         # truncated or corrupt data fails here
+                if im.getexif().get(0x0112, 1) != 1:   # orientation tag
+                    im = PIL.ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                    im = PIL.Image.fromarray(_stretch(np.asarray(im), what), "L")
+                elif "A" in im.mode or "transparency" in im.info:
+                    im = _flatten(im)
+                return np.array(im.convert(mode))
+        except gr.Error:
+            raise
+        except Exception as e:
+            log.info("unreadable upload for %s: %s", what, _plain(str(e)))
+            raise _unreadable(what) from None
+
+
 with _no_pyi_stub():
     class ImageUpload(gr.Image):
-        """``gr.Image`` whose decoding failures become a plain ``gr.Error``.
+        """``gr.Image`` that decodes uploads with :func:`decode_image` (always to numpy).
 
         Gradio decodes an upload before the handler runs; an unreadable file would otherwise
-        end as a bare "Error" in the browser. The pixel count is checked from the file header,
-        before any decoding, so a huge (or decompression-bomb) image costs nothing. A subclass,
-        not a patched instance, because Gradio rebuilds a session's input components from
-        their class when an example is loaded into them.
+        end as a bare "Error" in the browser, and Gradio's own decoding drops transparency, reads
+        an animated GIF's palette indices as grey levels and clips 16-bit and float images. A
+        subclass, not a patched instance, because Gradio rebuilds a session's input components
+        from their class when an example is loaded into them.
         """
 
         is_template = True   # same front end as gr.Image
 
         def preprocess(self, payload):
+            if payload is None:
+                return None
             what = self.label or "image"
-            try:
-                if payload is not None and payload.path:
-                    with PIL.Image.open(payload.path) as im:
-                        w, h = im.size
-                    if w * h > MAX_UPLOAD_PIXELS:
-                        raise gr.Error(f"{what}: {w}×{h} pixels is too large; the limit is "
-                                       f"{MAX_UPLOAD_PIXELS / 1e6:.0f} million pixels.",
-                                       print_exception=False)
-                return super().preprocess(payload)
-            except gr.Error:
-                raise
-            except PIL.Image.DecompressionBombError:
-                raise gr.Error(f"{what}: the image is too large; the limit is "
-                               f"{MAX_UPLOAD_PIXELS / 1e6:.0f} million pixels.",
-                               print_exception=False) from None
-            except Exception as e:   # not an image, truncated, unsupported format…
-                log.info("unreadable upload for %s: %s", what, _plain(str(e)))
-                raise gr.Error(f"{what}: this file could not be read as an image. "
-                               "Please upload a PNG, JPEG, BMP or WebP picture.",
-                               print_exception=False) from None
+            mode = self.image_mode or "RGB"
+            if payload.url and payload.url.startswith("data:"):   # inline base64 from an API
+                try:
+                    data = base64.b64decode(payload.url.split(",", 1)[1], validate=False)
+                except Exception:
+                    raise _unreadable(what) from None
+                return decode_image(io.BytesIO(data), what, mode)
+            if not payload.path:
+                raise _unreadable(what)
+            return decode_image(payload.path, what, mode)
 
 
 def check_image(image, what: str, required: bool = True) -> None:
@@ -195,9 +274,32 @@ def _headline(d: float, j: float, d0: float | None, why_not: str | None) -> str:
             "Both are scored against the object mask found in the fixed image.")
 
 
-def register(dataset: str, moving, fixed, moving_mask, fixed_mask,
+def register(dataset: str, moving, fixed, moving_mask=None, fixed_mask=None,
              progress=gr.Progress()):
-    """Register the pair twice (with and without localization) and draw both."""
+    """Find the object of the moving image in the fixed image (a scene), then warp the object's
+    mask onto the one found there; with and without localization, for comparison. Images: PNG,
+    JPEG, BMP, WebP, GIF or TIFF, 8×8 to 16 million pixels, light objects on a dark background
+    or dark ones on a light background.
+
+    Args:
+        dataset: the trained models to use: "mnist" (handwritten digits).
+        moving: the object alone, e.g. one digit (an image file or URL).
+        fixed: a scene holding another example of the object among other things (image).
+        moving_mask: optional white-on-black mask of the object, the moving image's size.
+        fixed_mask: optional white-on-black mask of the scene's object, the fixed image's size.
+
+    Returns:
+        headline: Markdown: Dice of the warped mask with and without localization.
+        found: the scene with the detector's box (red) and the box snapped to the object (green).
+        with_localization: the warped mask pasted back into the scene, over it.
+        without_localization: the same from the full-frame matcher (no localization).
+        before: the moving crop with the TPS control grid.
+        after: the fixed crop with the regular grid.
+        warped: the moving crop warped onto the fixed crop.
+        crop_overlay: both masks on the fixed crop.
+        timings: Markdown table, milliseconds per stage.
+        numbers: JSON: dice, iou, score, box (xyxy pixels), the same without localization, ms.
+    """
     try:
         return _register(dataset, moving, fixed, moving_mask, fixed_mask, progress)
     except gr.Error:
@@ -329,7 +431,10 @@ CSS = """
 
 def build(pipelines: dict[str, Pipeline]) -> gr.Blocks:
     available = [d for d in DATASETS if d.name in pipelines]
-    with gr.Blocks(title="Localize → segment → match", analytics_enabled=False) as demo:
+    # every hour, uploads and output pictures older than an hour are deleted: a public server
+    # would otherwise fill its disk with them
+    with gr.Blocks(title="Localize → segment → match", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=300):
@@ -421,10 +526,23 @@ def warm_up() -> None:
             log.exception("warm-up of %r failed", d.name)
 
 
+MAX_FILE_SIZE = "20mb"   # per upload; larger ones are refused (HTTP 413) before they are stored
+
+
+def mcp_enabled() -> bool:
+    """Serve the API as an MCP server too (tool ``register`` at /gradio_api/mcp/)? Gradio's own
+    switch ``GRADIO_MCP_SERVER`` decides; unset, it is on when the ``mcp`` package (Gradio's
+    ``mcp`` extra) is installed."""
+    flag = os.environ.get("GRADIO_MCP_SERVER")
+    if flag is not None:
+        return flag.strip().lower() in ("1", "true", "yes", "on")
+    return importlib.util.find_spec("mcp") is not None
+
+
 if __name__ == "__main__":
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                max_file_size="20mb", show_error=False, theme=gr.themes.Soft(), css=CSS,
-                prevent_thread_lock=True)
+                max_file_size=MAX_FILE_SIZE, show_error=False, theme=gr.themes.Soft(), css=CSS,
+                mcp_server=mcp_enabled(), enable_monitoring=False, prevent_thread_lock=True)
     warm_up()
     demo.block_thread()

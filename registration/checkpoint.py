@@ -4,8 +4,9 @@ never pickle.
 Lookup order for ``load(dataset, model)``:
 
 1. ``$REGISTRATION_CHECKPOINTS/<dataset>/<model>/`` (default: ``checkpoints/`` in this repo);
-2. the Hugging Face Hub repo ``$REGISTRATION_HUB_REPO`` (default :data:`DEFAULT_REPO`) at
-   revision ``$REGISTRATION_HUB_REVISION`` (default ``main``), files ``<dataset>/<model>/…``.
+2. the Hugging Face Hub repo ``$REGISTRATION_HUB_REPO`` (default: :data:`HUB`'s ``repo_id``) at
+   revision ``$REGISTRATION_HUB_REVISION`` (default: :data:`HUB`'s ``revision`` for that repo,
+   ``main`` for any other), files ``<dataset>/<model>/…``.
    ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` are honoured by ``huggingface_hub``.
 
 Integrity: :func:`save` writes ``manifest.json`` (sha256 and byte size of every other file), and
@@ -37,7 +38,13 @@ from . import config as cfgmod
 if TYPE_CHECKING:  # torch is imported lazily, so the manifest / Hub helpers stay light
     import torch
 
-DEFAULT_REPO = "localize-segment-match/checkpoints"
+# The Hub copy of the weights this code is tested with: downloads are pinned to this revision,
+# recorded beside the repo id, so a later push to the repo cannot change what an existing
+# install loads. The revision is a tag (or a commit sha) that is never moved: after
+# ``python -m registration.hub push …``, tag that commit with it (``HfApi.create_tag``), or
+# record the new commit sha here. Loading pins every file to the one commit this resolves to.
+HUB = {"repo_id": "localize-segment-match/checkpoints", "revision": "v1"}
+DEFAULT_REPO = HUB["repo_id"]
 FILES = ("config.json", "model.safetensors")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "registration-checkpoint-manifest/1"
@@ -70,8 +77,12 @@ def local_root() -> Path:
 
 
 def hub_repo() -> tuple[str, str]:
-    return (os.environ.get("REGISTRATION_HUB_REPO", DEFAULT_REPO),
-            os.environ.get("REGISTRATION_HUB_REVISION", "main"))
+    """(repo id, revision) to download from: :data:`HUB` unless ``$REGISTRATION_HUB_REPO`` /
+    ``$REGISTRATION_HUB_REVISION`` say otherwise. The pinned revision belongs to the pinned
+    repo; another repo without an explicit revision is read at ``main``."""
+    repo = os.environ.get("REGISTRATION_HUB_REPO") or HUB["repo_id"]
+    default_rev = HUB["revision"] if repo == HUB["repo_id"] else "main"
+    return repo, os.environ.get("REGISTRATION_HUB_REVISION") or default_rev
 
 
 # ---------------------------------------------------------------------------------------------

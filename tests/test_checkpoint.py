@@ -173,7 +173,8 @@ def git_blob_sha1(data: bytes) -> str:
 class FakeHub(ThreadingHTTPServer):
     """Serves ``files`` ({path in repo: bytes}) of one model repo like huggingface.co:
 
-    * ``HEAD|GET /{repo_id}/resolve/{revision}/{path}`` with ``revision`` "main" or the commit:
+    * ``HEAD|GET /{repo_id}/resolve/{revision}/{path}`` with ``revision`` one of ``refs``
+      (default "main") or the commit:
       regular files answer 200 with ``X-Repo-Commit``, ``ETag`` (git blob sha1) and
       ``Content-Length``; ``*.safetensors`` are LFS files: 302 to a CDN URL on another host name
       (``localhost`` instead of ``127.0.0.1``, so huggingface_hub neither follows the HEAD
@@ -186,9 +187,10 @@ class FakeHub(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, repo_id: str, files: dict[str, bytes]):
+    def __init__(self, repo_id: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.repo_id, self.files = repo_id, files
+        self.refs = refs                 # branch / tag names that resolve to the one commit
         self.commit = hashlib.sha1(json.dumps(sorted(files)).encode()).hexdigest()
         self.blobs = {hashlib.sha256(d).hexdigest(): d
                       for f, d in files.items() if f.endswith(".safetensors")}
@@ -235,7 +237,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if len(parts) < 5 or parts[2] != "resolve" or "/".join(parts[:2]) != hub.repo_id:
             return self.reply(401, b"repo not found", {"X-Error-Code": "RepoNotFound"})
         rev, name = parts[3], "/".join(parts[4:])
-        if rev not in ("main", hub.commit):
+        if rev not in (*hub.refs, hub.commit):
             return self.reply(404, b"", {"X-Error-Code": "RevisionNotFound"})
         headers = {"X-Repo-Commit": hub.commit}
         data = hub.files.get(name)
@@ -302,7 +304,7 @@ print(json.dumps(results))
 
 
 def run_load(tmp_path: Path, names: list[str], endpoint: str | None, hf_home: Path,
-             **env_extra: str) -> dict[str, dict]:
+             **env_extra: str | None) -> dict[str, dict]:
     """``checkpoint.load`` for each DATASET/MODEL in a fresh interpreter; results by name."""
     drop = ("HF_", "HUGGING_FACE", "HUGGINGFACE", "TRANSFORMERS_OFFLINE", "REGISTRATION_")
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(drop)
@@ -311,11 +313,13 @@ def run_load(tmp_path: Path, names: list[str], endpoint: str | None, hf_home: Pa
     empty.mkdir(exist_ok=True)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    env.update(PYTHONPATH=str(REPO), HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"),
-               REGISTRATION_CHECKPOINTS=str(empty), REGISTRATION_HUB_REPO=HUB_REPO,
-               REGISTRATION_HUB_REVISION="main", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env_extra)
+    settings = dict(PYTHONPATH=str(REPO), HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"),
+                    REGISTRATION_CHECKPOINTS=str(empty), REGISTRATION_HUB_REPO=HUB_REPO,
+                    REGISTRATION_HUB_REVISION="main", HF_HUB_DISABLE_TELEMETRY="1",
+                    HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
+                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    settings.update(env_extra)      # a value of None leaves the variable unset
+    env.update({k: v for k, v in settings.items() if v is not None})
     if endpoint is not None:
         env["HF_ENDPOINT"] = endpoint
     proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(out), *names], env=env,
@@ -372,6 +376,42 @@ def test_hub_download_via_hf_hub_download(fake_hub, tmp_path):
     assert r["elapsed"] < 5
     assert_same_state(load_file(r["weights"]), m.state_dict())
     assert len(hub.requests) == n
+
+
+def test_hub_revision_is_pinned_beside_the_repo_id(monkeypatch):
+    assert set(ck.HUB) == {"repo_id", "revision"}
+    assert ck.HUB["revision"] not in ("", "main"), "a pin is a tag or a commit, not a branch"
+    monkeypatch.delenv("REGISTRATION_HUB_REPO", raising=False)
+    monkeypatch.delenv("REGISTRATION_HUB_REVISION", raising=False)
+    assert ck.hub_repo() == (ck.HUB["repo_id"], ck.HUB["revision"])
+    monkeypatch.setenv("REGISTRATION_HUB_REPO", "someone/else")   # the pin is that repo's only
+    assert ck.hub_repo() == ("someone/else", "main")
+    monkeypatch.setenv("REGISTRATION_HUB_REVISION", "0123abc")
+    assert ck.hub_repo() == ("someone/else", "0123abc")
+
+
+def test_default_download_asks_for_the_pinned_revision(saved, tmp_path):
+    """With no REGISTRATION_HUB_* variables, every request names the pinned revision (or the
+    commit it resolved to); the fake repo answers only to that tag, not to main."""
+    folder, m = saved
+    files = {f"mnist/tiny/{p.name}": p.read_bytes() for p in folder.iterdir()}
+    hub = FakeHub(ck.HUB["repo_id"], files, refs=(ck.HUB["revision"],))
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    try:
+        res = run_load(tmp_path, ["mnist/tiny"], hub.url, tmp_path / "hf",
+                       REGISTRATION_HUB_REPO=None, REGISTRATION_HUB_REVISION=None)
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    r = res["mnist/tiny"]
+    assert "error" not in r, r
+    assert_same_state(load_file(r["weights"]), m.state_dict())
+    base = f"/{ck.HUB['repo_id']}/resolve"
+    assert ("HEAD", f"{base}/{ck.HUB['revision']}/mnist/tiny/config.json") in hub.requests
+    assert ("GET", f"{base}/{ck.HUB['revision']}/mnist/tiny/config.json") in hub.requests
+    revs = {p[len(base) + 1:].split("/")[0] for _, p in hub.requests if p.startswith(base)}
+    assert revs == {ck.HUB["revision"], hub.commit}, hub.requests
 
 
 def closed_port() -> int:

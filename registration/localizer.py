@@ -61,9 +61,18 @@ class Localizer(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
                 self.film[str(i)] = lin
-        sizes = self.feature_sizes()
-        self.register_buffer("anchors", anc.generate_anchors(
-            sizes, cfg.image_size, list(cfg.scales), list(cfg.aspect_ratios)), persistent=False)
+        self._anchors: torch.Tensor | None = None
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        """(N, 4) anchors, xyxy pixels of the fixed image; made on first use, so building a
+        model does not import torchvision (2+ s of the app's cold start)."""
+        if self._anchors is None:
+            cfg = self.cfg
+            self._anchors = anc.generate_anchors(
+                self.feature_sizes(), cfg.image_size, list(cfg.scales),
+                list(cfg.aspect_ratios)).to(next(self.parameters()).device)
+        return self._anchors
 
     def feature_sizes(self) -> list[int]:
         s, sizes = self.cfg.image_size, []

@@ -26,6 +26,14 @@ class MatcherConfig:
     kind: str = "matcher"
 
 
+# Named matcher designs. "paper": the paper's TPS layer as published (4×4 = 16 control points,
+# one pass, no folding penalty); "default": what ships (8×8, 3-pass cascade, folding penalty).
+MATCHER_PRESETS = {
+    "default": {"grid_size": 8, "passes": 3, "fold_weight": 1.0},
+    "paper": {"grid_size": 4, "passes": 1, "fold_weight": 0.0},
+}
+
+
 @dataclass
 class LocalizerConfig:
     """Query-conditioned SSD (paper Table 1)."""

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from .config import LocalizerConfig, MatcherConfig
+from .config import MATCHER_PRESETS, LocalizerConfig, MatcherConfig
 from .matcher import Matcher
 
 
@@ -153,9 +153,12 @@ def fit(model, batch_loss, validate, args, desc: str, weight_decay: float) -> di
 
 
 def train_matcher(args, full: bool) -> dict:
-    cfg = MatcherConfig(input_size=112 if full else 28, grid_size=16 if full else args.grid,
-                        smooth_weight=args.smooth, fold_weight=args.fold,
-                        passes=args.passes if args.passes else (1 if full else 3))
+    preset = MATCHER_PRESETS[args.preset]
+    cfg = MatcherConfig(input_size=112 if full else 28,
+                        grid_size=16 if full else (args.grid or preset["grid_size"]),
+                        smooth_weight=args.smooth,
+                        fold_weight=preset["fold_weight"] if args.fold is None else args.fold,
+                        passes=args.passes if args.passes else (1 if full else preset["passes"]))
     torch.manual_seed(args.seed)
     model = Matcher(cfg).to(memory_format=torch.channels_last)
     data = FullFramePairs("train", args.seed) if full else MnistPairs("train", args.seed)
@@ -238,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="wall-time budget; the LR schedule follows it (default per model)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--grid", type=int, default=8, help="matcher control grid side (√K)")
+    p.add_argument("--preset", default="default", choices=sorted(MATCHER_PRESETS),
+                   help="matcher design: 'default' (8×8 grid, 3-pass cascade) or 'paper' "
+                        "(4×4 grid, one pass, as published); the options below override it")
+    p.add_argument("--grid", type=int, default=None, help="matcher control grid side (√K)")
     p.add_argument("--smooth", type=float, default=1.0, help="λ, smoothness weight")
-    p.add_argument("--fold", type=float, default=1.0, help="negative-Jacobian penalty weight")
+    p.add_argument("--fold", type=float, default=None,
+                   help="negative-Jacobian penalty weight (default: the preset's)")
     p.add_argument("--passes", type=int, default=None,
                    help="matcher cascade passes at inference (default 3; matcher-full 1)")
     p.add_argument("--cascade", type=float, default=0.5,

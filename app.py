@@ -274,6 +274,22 @@ def _headline(d: float, j: float, d0: float | None, why_not: str | None) -> str:
             "Both are scored against the object mask found in the fixed image.")
 
 
+@contextlib.contextmanager
+def _user_errors(doing: str):
+    """Turn any failure inside into a plain gr.Error: input and registration errors keep their
+    (path-free) message, anything else is logged and replaced by a generic one."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (RegistrationError, ValueError) as e:
+        raise gr.Error(_plain(str(e)), print_exception=False) from None
+    except Exception:
+        log.exception("failed while %s", doing)
+        raise gr.Error(f"Something went wrong while {doing}. Please try another pair of images.",
+                       print_exception=False) from None
+
+
 def register(dataset: str, moving, fixed, moving_mask=None, fixed_mask=None,
              progress=gr.Progress()):
     """Find the object of the moving image in the fixed image (a scene), then warp the object's
@@ -300,16 +316,8 @@ def register(dataset: str, moving, fixed, moving_mask=None, fixed_mask=None,
         timings: Markdown table, milliseconds per stage.
         numbers: JSON: dice, iou, score, box (xyxy pixels), the same without localization, ms.
     """
-    try:
+    with _user_errors("registering this pair"):
         return _register(dataset, moving, fixed, moving_mask, fixed_mask, progress)
-    except gr.Error:
-        raise
-    except (RegistrationError, ValueError) as e:
-        raise gr.Error(_plain(str(e)), print_exception=False) from None
-    except Exception:
-        log.exception("registration failed")
-        raise gr.Error("Something went wrong while registering this pair. Please try another "
-                       "pair of images.", print_exception=False) from None
 
 
 def _register(dataset, moving, fixed, moving_mask, fixed_mask, progress):
@@ -417,16 +425,8 @@ LEGEND = ("<span style='color:rgb(40,120,255)'>■</span> fixed mask &nbsp; "
 def compare_classical(dataset: str, moving, fixed, moving_mask=None, fixed_mask=None):
     """The learned matcher against SimpleITK's diffeomorphic demons on the same two crops.
     Returns a picture (both overlays) and a Markdown line with Dice and time of each."""
-    try:
+    with _user_errors("comparing"):
         return _compare_classical(dataset, moving, fixed, moving_mask, fixed_mask)
-    except gr.Error:
-        raise
-    except (RegistrationError, ValueError) as e:
-        raise gr.Error(_plain(str(e)), print_exception=False) from None
-    except Exception:
-        log.exception("comparison failed")
-        raise gr.Error("Something went wrong while comparing. Please try another pair.",
-                       print_exception=False) from None
 
 
 def _compare_classical(dataset, moving, fixed, moving_mask, fixed_mask):

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registration import checkpoint, classical, metrics  # noqa: E402
+from registration.evaluate import _table  # noqa: E402
 from registration.data import mnist, scenes  # noqa: E402
 
 try:
@@ -68,10 +69,6 @@ TUNE_GRID = {
 # ---------------------------------------------------------------------------------------------
 # classical matchers: (moving, fixed) bool (H, W) → warped bool (H, W), displacement (H, W, 2) px
 
-_img = classical.sitk_image
-_resample = classical.resample
-
-
 def _field(tx, ref) -> np.ndarray:
     f = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(),
                                           ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection())
@@ -79,7 +76,7 @@ def _field(tx, ref) -> np.ndarray:
 
 
 def sitk_affine(moving, fixed, iterations=100, sigma=1.0):
-    f, m = _img(fixed, sigma), _img(moving, sigma)
+    f, m = classical.sitk_image(fixed, sigma), classical.sitk_image(moving, sigma)
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMeanSquares()
     r.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
@@ -95,11 +92,11 @@ def sitk_affine(moving, fixed, iterations=100, sigma=1.0):
         tx = r.Execute(f, m)
     except RuntimeError:              # e.g. the optimiser leaves the image: keep the start
         tx = init
-    return _resample(moving, f, tx), _field(tx, f)
+    return classical.resample(moving, f, tx), _field(tx, f)
 
 
 def sitk_bspline(moving, fixed, mesh=8, iterations=100, sigma=1.0):
-    f, m = _img(fixed, sigma), _img(moving, sigma)
+    f, m = classical.sitk_image(fixed, sigma), classical.sitk_image(moving, sigma)
     tx = sitk.BSplineTransformInitializer(f, [mesh, mesh], 3)
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMeanSquares()
@@ -111,7 +108,7 @@ def sitk_bspline(moving, fixed, mesh=8, iterations=100, sigma=1.0):
         r.Execute(f, m)
     except RuntimeError:
         pass
-    return _resample(moving, f, tx), _field(tx, f)
+    return classical.resample(moving, f, tx), _field(tx, f)
 
 
 def sitk_demons(moving, fixed, iterations=100, std=1.0):
@@ -320,13 +317,6 @@ def end_to_end(n: int, seed: int, skip_slow: bool, n_frames: int) -> dict:
         "dice": float(np.mean(d)), "iou": float(np.mean(j)),
         "ms_per_pair": statistics.median(times)}
     return rows
-
-
-def _table(header, rows) -> str:
-    f = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

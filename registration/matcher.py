@@ -37,7 +37,7 @@ class Matcher(nn.Module):
         self.register_buffer("ctrl", tps.control_grid(cfg.grid_size), persistent=False)
         self.register_buffer("coef", tps.tps_coefficients(self.ctrl).float(), persistent=False)
         self._basis: dict[tuple, torch.Tensor] = {}
-        self._pinv: tuple[torch.Tensor, torch.Tensor] | None = None   # (points, projector)
+        self._compose_ops: tuple[torch.Tensor, torch.Tensor] | None = None   # points, projector
 
     @property
     def n_ctrl(self) -> int:
@@ -68,10 +68,10 @@ class Matcher(nn.Module):
     def compose(self, outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
         """One TPS ≈ outer ∘ inner, fitted on the S×S pixel centres (see tps.compose_params)."""
         s = self.cfg.input_size
-        if self._pinv is None:
+        if self._compose_ops is None:
             pts = identity_grid((s, s), device=self.ctrl.device).reshape(-1, 2)
-            self._pinv = (pts, tps.composition_projector(self.ctrl, pts, self.coef))
-        pts, proj = self._pinv
+            self._compose_ops = (pts, tps.composition_projector(self.ctrl, pts, self.coef))
+        pts, proj = self._compose_ops
         return tps.compose_params(outer.float(), inner.float(), self.ctrl, pts, proj,
                                   self.basis((s, s)), self.coef)
 

@@ -8,8 +8,8 @@ connections, and a 1×1 head giving one logit per pixel (~118k parameters). Inpu
 
 Training crops follow the pipeline's crops: a square of side ``margin`` × the box's longest
 side around the object's box (jittered in training), resampled to S × S, zeros outside the
-image (``square_around`` / ``crop_image`` match ``registration.pipeline``'s ``square_around``
-and ``crop``), with the crop of the true mask as target. The loss is soft Dice + BCE.
+image (``registration.pipeline``'s ``square_around`` and ``crop``), with the crop of the true
+mask as target. The loss is soft Dice + BCE.
 
 Pure functions plus one thin ``nn.Module``; checkpoint plumbing (``config.CONFIGS``,
 ``checkpoint.build``) is left to the code that ships the weights.
@@ -19,11 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .pipeline import crop as crop_image
+from .pipeline import square_around
 
 
 @dataclass
@@ -149,27 +151,6 @@ def to_float(image: np.ndarray, name: str = "image") -> np.ndarray:
     if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
         raise ValueError(f"{name}: expected uint8 or float pixels, got dtype {a.dtype}")
     return np.clip(a.astype(np.float32), 0, 1)
-
-
-def square_around(box: Sequence[float], margin: float, min_side: float = 4.0
-                  ) -> tuple[float, float, float, float]:
-    """The square, xyxy, centred on ``box`` with side = margin × its longest side."""
-    x0, y0, x1, y1 = [float(v) for v in box]
-    side = max(min_side, margin * max(x1 - x0, y1 - y0))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-
-
-def crop_image(image: np.ndarray, square: Sequence[float], size: int,
-               interp: int = cv2.INTER_LINEAR) -> np.ndarray:
-    """Resample the xyxy ``square`` of an (H, W) float image to (size, size) float32; zeros
-    outside the image."""
-    x0, y0, x1, _ = [float(v) for v in square]
-    k = (x1 - x0) / size
-    m = np.array([[k, 0, x0 + 0.5 * k - 0.5], [0, k, y0 + 0.5 * k - 0.5]], np.float64)
-    return cv2.warpAffine(np.asarray(image, np.float32), m, (size, size),
-                          flags=interp | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=0)
 
 
 def jitter_square(box: Sequence[float], margin: float, rng: np.random.Generator,

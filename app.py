@@ -55,11 +55,11 @@ class DatasetEntry:
     assets: Path                        # holds examples.json and the PNGs it lists
 
 
-# Adding a data set is one entry here (plus its checkpoints and assets/<name>/), e.g.
-# DatasetEntry("silhouettes", "Silhouettes", ROOT / "assets" / "silhouettes"),
-# DatasetEntry("usct", "Ultrasound / CT", ROOT / "assets" / "usct"),
+# Adding a data set is one entry here (plus its checkpoints and assets/<name>/)
 DATASETS = [
     DatasetEntry("mnist", "MNIST digits", ROOT / "assets" / "mnist"),
+    DatasetEntry("silhouettes", "Animal silhouettes in clutter", ROOT / "assets" / "silhouettes"),
+    DatasetEntry("usct", "Liver tumours: ultrasound → CT (simulated)", ROOT / "assets" / "usct"),
 ]
 
 
@@ -298,7 +298,9 @@ def register(dataset: str, moving, fixed, moving_mask=None, fixed_mask=None,
     or dark ones on a light background.
 
     Args:
-        dataset: the trained models to use: "mnist" (handwritten digits).
+        dataset: the trained models to use: "mnist" (handwritten digits), "silhouettes"
+            (animal silhouettes on textured ground, segmented by a small U-Net) or "usct"
+            (a liver tumour in a simulated ultrasound view, found in a CT slice).
         moving: the object alone, e.g. one digit (an image file or URL).
         fixed: a scene holding another example of the object among other things (image).
         moving_mask: optional white-on-black mask of the object, the moving image's size.
@@ -494,7 +496,7 @@ def build(pipelines: dict[str, Pipeline]) -> gr.Blocks:
                 about = gr.Textbox(label="About", interactive=False, max_lines=1)
                 with gr.Accordion("Optional: your own masks", open=False):
                     gr.Markdown("White = object, black = background, the same size as its "
-                                "image. Without them the app thresholds the images itself. "
+                                "image. Without them the app segments the images itself. "
                                 "They are used on the *with localization* path only.")
                     with gr.Row():
                         moving_mask = ImageUpload(type="numpy", image_mode="L",

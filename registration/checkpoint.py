@@ -390,6 +390,9 @@ def build(cfg) -> "torch.nn.Module":
     if cfg.kind == "localizer":
         from .localizer import Localizer
         return Localizer(cfg)
+    if cfg.kind == "segnet":
+        from .segnet import SegNet
+        return SegNet(cfg)
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 

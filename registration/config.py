@@ -23,6 +23,9 @@ class MatcherConfig:
     # cascade: at inference the network is applied this many times, each pass to the moving
     # mask as warped so far, and the warps are composed into one TPS (1 = the paper's one shot)
     passes: int = 1
+    # channels per mask: 1 = plain masks; 2 = part-labelled masks (one channel per part,
+    # registration.data.silhouettes.split_parts), Dice summed over parts
+    mask_channels: int = 1
     kind: str = "matcher"
 
 
@@ -60,11 +63,18 @@ class DatasetConfig:
     """How the pipeline turns images into masks for one data set."""
 
     name: str = "mnist"
-    segmenter: str = "otsu"       # "otsu" or "learned"
+    segmenter: str = "otsu"       # "otsu" or "learned" (checkpoints/<name>/segmenter)
+    # objects are bright on a dark background; an image with a mostly bright border is inverted
+    # (False where polarity varies and the learned segmenter copes with both)
+    bright_objects: bool = True
     # a fixed foreground threshold in [0, 1] (MNIST masks are pixels > 127 by definition);
     # None = Otsu's threshold per image. Otsu is also the fallback when the fixed one finds nothing
     threshold: float | None = None
     crop_margin: float = 1.4      # square side = margin × longest box side (MNIST: 28/20)
+    # the localizer's query: "object" = the moving image cropped around its object (box ×
+    # crop_margin); "whole" = the whole moving image (US–CT: the fan's anatomy around the
+    # tumour tells which of several tumours it is)
+    query: str = "object"
     min_object_px: int = 4
     snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this
 
@@ -88,4 +98,31 @@ def dumps(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
-CONFIGS = {"matcher": MatcherConfig, "localizer": LocalizerConfig}
+# Per-data-set model settings, over the dataclass defaults (which are MNIST's).
+# Silhouettes: 128×128 fixed scenes, 64×64 moving images (registration.data.silhouettes).
+DATASET_MODELS: dict[str, dict[str, dict]] = {
+    "silhouettes": {"localizer": {"image_size": 128, "query_size": 64},
+                    "matcher": {"input_size": 32},
+                    "matcher-full": {"input_size": 64, "grid_size": 16}},
+    # US–CT: the 256-px CT is seen by the SSD at 128 px, where tumours are 7–17 px; anchors
+    # therefore sit on c3–c6 (strides 4–32 px) with small scales, the query is the 64-px crop
+    # around the ultrasound's tumour; tumour masks are matched at 32 px
+    "usct": {"localizer": {"image_size": 128, "query_size": 64, "head_layers": (2, 3, 4, 5),
+                           "scales": (0.06, 0.1, 0.16, 0.26)},
+             "matcher": {"input_size": 32},
+             "matcher-full": {"input_size": 64, "grid_size": 16}},
+}
+
+@dataclass
+class SegNetConfig:
+    """Learned segmenter (registration.segnet): a small U-Net for object-centric crops."""
+
+    input_size: int = 64                      # crops are resized to input_size × input_size
+    channels: tuple[int, ...] = (16, 32, 64)  # one entry per level, the last is the bottleneck
+    margin: float = 1.4                       # crop side = margin × the box's longest side
+    dice_weight: float = 1.0                  # loss = dice_weight·(1 − soft Dice) + bce_weight·BCE
+    bce_weight: float = 1.0
+    kind: str = "segnet"
+
+
+CONFIGS = {"matcher": MatcherConfig, "localizer": LocalizerConfig, "segnet": SegNetConfig}

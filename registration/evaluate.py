@@ -2,6 +2,8 @@
 
     python -m registration.evaluate matcher --dataset mnist    # 1,000 same-class mask pairs
     python -m registration.evaluate pipeline --dataset mnist   # 1,000 held-out 112×112 scenes
+    python -m registration.evaluate pipeline --dataset silhouettes   # 1,000 128×128 scenes
+    python -m registration.evaluate parts                      # part-labelled vs plain masks
 """
 from __future__ import annotations
 
@@ -19,10 +21,28 @@ from tqdm import tqdm
 from . import checkpoint, metrics
 from .losses import jacobian_det
 
-PAPER = {  # the paper's Table 4 (MNIST)
-    "matching": {"dice": 0.79, "iou": 0.66},
-    "detection": {"dice": 0.87, "iou": 0.78},
+PAPERS = {
+    "mnist": {"source": "paper (Table 4)",   # the paper's MNIST figures
+              "matching": {"dice": 0.79, "iou": 0.66}, "detection": {"dice": 0.87, "iou": 0.78}},
+    "silhouettes": {"source": "paper, Caltech-101 (Table 4)",
+                    "matching": {"dice": 0.94, "iou": 0.90},
+                    "detection": {"dice": 0.95, "iou": 0.91}},
+    "usct": {"source": "paper, US–CT (Table 4)",
+             "matching": {"dice": 0.96, "iou": 0.94}, "detection": {"dice": 0.97, "iou": 0.94}},
 }
+PAPER = PAPERS["mnist"]
+TITLES = {"mnist": "MNIST", "silhouettes": "Animal silhouettes", "usct": "US–CT phantoms",
+          "usct-real": "Real CT (LiTS volume 117, never trained on) with simulated ultrasound"}
+
+
+def eval_pairs(dataset: str, n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out matcher benchmark: n seeded same-class test pairs, (n, S, S) bool each."""
+    if dataset == "silhouettes":
+        from .data.silhouettes import MaskPairs
+        m, f = MaskPairs("test", seed, size=size).batch(n, jitter=False)
+        return m[:, 0].numpy() > 0.5, f[:, 0].numpy() > 0.5
+    from .data import mnist
+    return mnist.eval_pairs(n, seed)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -51,10 +71,10 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
     pass and in its default cascade, and + k steps of test-time refinement; the share of pixels
     where the warp folds (det J ≤ 0); ms per pair (one pair at a time, median) and pairs/s in
     batches of 256. ``folder`` evaluates a checkpoint folder instead of the shipped one."""
-    from .data import mnist
     model = checkpoint.load_folder(folder) if folder else checkpoint.load(dataset, "matcher")
     model = model.to(memory_format=torch.channels_last)
-    mov, fix = mnist.eval_pairs(n, seed)
+    size = model.cfg.input_size
+    mov, fix = eval_pairs(dataset, n, seed, size)
     m = torch.from_numpy(mov).float().unsqueeze(1)
     f = torch.from_numpy(fix).float().unsqueeze(1)
     res = {"no warp (identity)": _pair_scores(mov, fix)}
@@ -79,7 +99,7 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
         params = torch.cat([o[1] for o in outs])
         res[name] = _pair_scores(warped.numpy()[:, 0], fix)
         with torch.no_grad():
-            det = jacobian_det(model.grid(params, (28, 28)))
+            det = jacobian_det(model.grid(params, (size, size)))
         res[name]["folding_pixels"] = float((det <= 0).float().mean())
         res[name]["folding_pairs"] = float((det <= 0).flatten(1).any(1).float().mean())
         reps = 200 if k <= 10 else 60
@@ -93,7 +113,8 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
         for i in range(0, n, 256):
             run(m[i:i + 256], f[i:i + 256], k, ps)
         res[name]["pairs_per_s_batch256"] = n / (time.perf_counter() - t0)
-    rows = [["paper (Table 4)", PAPER["matching"]["dice"], PAPER["matching"]["iou"], "—", "—",
+    paper = PAPERS[dataset]
+    rows = [[paper["source"], paper["matching"]["dice"], paper["matching"]["iou"], "—", "—",
              "—"]]
     for name, v in res.items():
         pps = v.get("pairs_per_s_batch256")
@@ -101,53 +122,80 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
                      f"{v['ms_per_pair']:.2f}", f"{pps:,.0f}" if pps else "—"])
     table = _table(["method", "Dice", "IoU", "folding pixels", "ms/pair (1 pair)",
                     "pairs/s (batch 256)"], rows)
-    print(f"MNIST matcher, {n} held-out same-class pairs (test rows, seed {seed}), "
-          f"{torch.get_num_threads()} threads\n")
+    print(f"{TITLES[dataset]} matcher, {n} held-out same-class pairs (test rows, seed {seed}), "
+          f"{size}×{size} masks, {torch.get_num_threads()} threads\n")
     print(table)
     payload = {"dataset": dataset, "pairs": n, "seed": seed, "threads": torch.get_num_threads(),
                "checkpoint": folder or f"checkpoints/{dataset}/matcher",
-               "results": res, "paper": PAPER["matching"], "table": table}
+               "results": res, "paper": paper["matching"], "table": table}
     print(f"\nwrote {_write(out, f'{dataset}_matcher', payload)}")
     return payload
 
 
-def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
-                      refine_steps: int | None = None) -> dict:
+def test_scenes(dataset: str, n: int, seed: int, real: bool = False) -> list:
+    if dataset == "usct":
+        from .data import usct
+        return usct.real_pairs(n, seed) if real else usct.test_pairs(n, seed)
+    if dataset == "silhouettes":
+        from .data import silhouettes
+        return silhouettes.test_scenes(n, seed)
     from .data import scenes
+    return scenes.test_scenes(n, seed)
+
+
+def _score(rec: dict, prefix: str, r, s, detection: bool) -> None:
+    """Scores of one Result ``r`` (None = RegistrationError, scored 0) against scene ``s``."""
+    ok = r is not None
+    rec[f"{prefix}dice"] = metrics.dice(r.warped_mask_full, s.target_mask) if ok else 0.0
+    rec[f"{prefix}iou"] = metrics.iou(r.warped_mask_full, s.target_mask) if ok else 0.0
+    if detection:
+        rec[f"{prefix}ssd_box_dice"] = metrics.box_dice(r.ssd_box, s.box) if ok else 0.0
+        rec[f"{prefix}ssd_box_iou"] = metrics.box_iou(r.ssd_box, s.box) if ok else 0.0
+        rec[f"{prefix}box_dice"] = metrics.box_dice(r.box, s.box) if ok else 0.0
+        rec[f"{prefix}box_iou"] = metrics.box_iou(r.box, s.box) if ok else 0.0
+        rec[f"{prefix}crop_dice"] = r.dice if ok else 0.0
+    rec[f"{prefix}timings"] = r.timings if ok else None
+
+
+def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
+                      refine_steps: int | None = None, real: bool = False) -> dict:
+    """End to end on n held-out scenes: detection, matching pasted back into the full frame
+    (against the target's true mask), without localization, ms per stage. Data sets with
+    learned masks are also run with the true masks (the paper's setting): the moving animal's
+    mask and, in the fixed image, the target's mask (with localization: the pipeline still
+    crops where the localizer points and drops what lies outside the box) or every animal's
+    mask (without localization: the full-frame matcher must pick the target itself)."""
     from .pipeline import Pipeline, RegistrationError
     pipe = Pipeline.from_pretrained(dataset)
     if refine_steps is not None:
         pipe.refine_steps = refine_steps
-    test = scenes.test_scenes(n, seed)
+    gt = pipe.dataset.segmenter == "learned"
+    test = test_scenes(dataset, n, seed, real)
+    n = len(test)
     recs = []
     shown = []
-    for i, s in enumerate(tqdm(test, desc="scenes", mininterval=5, file=sys.stderr)):
-        rec = {"n_distractors": s.n_distractors}
+
+    def run(prefix, rec, s, localize, **masks):
         try:
-            r = pipe.register(s.moving, s.fixed)
-            rec.update(ssd_box_dice=metrics.box_dice(r.ssd_box, s.box),
-                       ssd_box_iou=metrics.box_iou(r.ssd_box, s.box),
-                       box_dice=metrics.box_dice(r.box, s.box), box_iou=metrics.box_iou(r.box, s.box),
-                       dice=metrics.dice(r.warped_mask_full, s.target_mask),
-                       iou=metrics.iou(r.warped_mask_full, s.target_mask),
-                       crop_dice=r.dice, timings=r.timings)
+            r = pipe.register(s.moving, s.fixed, localize=localize, **masks)
         except RegistrationError:
             r = None
-            rec.update(ssd_box_dice=0.0, ssd_box_iou=0.0, box_dice=0.0, box_iou=0.0, dice=0.0,
-                       iou=0.0, crop_dice=0.0, timings=None)
-        try:
-            rf = pipe.register(s.moving, s.fixed, localize=False)
-            rec.update(noloc_dice=metrics.dice(rf.warped_mask_full, s.target_mask),
-                       noloc_iou=metrics.iou(rf.warped_mask_full, s.target_mask),
-                       noloc_ms=rf.timings["total"])
-        except RegistrationError:
-            rf = None
-            rec.update(noloc_dice=0.0, noloc_iou=0.0, noloc_ms=None)
+        _score(rec, prefix, r, s, detection=localize)
+        return r
+
+    for i, s in enumerate(tqdm(test, desc="scenes", mininterval=5, file=sys.stderr)):
+        rec = {"n_distractors": s.n_distractors}
+        r = run("", rec, s, True)
+        rf = run("noloc_", rec, s, False)
+        if gt:
+            run("gt_", rec, s, True, moving_mask=s.moving_mask, fixed_mask=s.target_mask)
+            run("gt_noloc_", rec, s, False, moving_mask=s.moving_mask, fixed_mask=s.all_mask)
         recs.append(rec)
         if figure and r is not None and len(shown) < 6 and (i % 7 == 0):
             shown.append({"fixed": s.fixed, "result": r, "result_full": rf, "true_box": s.box,
                           "true_mask": s.target_mask})
     mean = lambda k, rs=recs: float(np.mean([x[k] for x in rs]))
+    med_total = lambda k: statistics.median(x[k]["total"] for x in recs if x[k])
     stage = {}
     timed = [x["timings"] for x in recs if x["timings"]]
     for k in ("segment", "localize", "match", "paste", "total"):
@@ -159,41 +207,60 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
             by_k[k] = {"n": len(rs), "box_dice": mean("box_dice", rs), "dice": mean("dice", rs),
                        "noloc_dice": mean("noloc_dice", rs)}
     res = {
-        "detection_ssd": {"dice": mean("ssd_box_dice"), "iou": mean("ssd_box_iou")},
+        "detection_ssd": {"dice": mean("ssd_box_dice"), "iou": mean("ssd_box_iou"),
+                          "hit_rate_iou50": float(np.mean([x["ssd_box_iou"] >= 0.5
+                                                           for x in recs]))},
         "detection": {"dice": mean("box_dice"), "iou": mean("box_iou"),
                       "hit_rate_iou50": float(np.mean([x["box_iou"] >= 0.5 for x in recs]))},
         "matching": {"dice": mean("dice"), "iou": mean("iou"), "crop_dice": mean("crop_dice")},
         "matching_without_localization": {"dice": mean("noloc_dice"), "iou": mean("noloc_iou"),
-                                          "ms": statistics.median(
-                                              x["noloc_ms"] for x in recs if x["noloc_ms"])},
+                                          "ms": med_total("noloc_timings")},
         "median_ms": stage, "by_distractors": by_k,
     }
-    table = _table(["", "detection Dice", "detection IoU", "matching Dice", "matching IoU"], [
-        ["paper (Table 4)", PAPER["detection"]["dice"], PAPER["detection"]["iou"],
-         PAPER["matching"]["dice"], PAPER["matching"]["iou"]],
-        ["SSD box alone", res["detection_ssd"]["dice"], res["detection_ssd"]["iou"], "", ""],
-        ["with localization (box snapped to the segmented object)", res["detection"]["dice"],
-         res["detection"]["iou"], res["matching"]["dice"], res["matching"]["iou"]],
-        ["without localization (full-frame matcher)", "—", "—",
-         res["matching_without_localization"]["dice"], res["matching_without_localization"]["iou"]],
-    ])
+    paper = PAPERS[dataset]
+    seg = "learned masks" if gt else "threshold masks"
+    rows = [
+        [paper["source"], paper["detection"]["dice"], paper["detection"]["iou"],
+         paper["matching"]["dice"], paper["matching"]["iou"]],
+        ["SSD box alone", res["detection_ssd"]["dice"], res["detection_ssd"]["iou"], "", ""]]
+    if gt:
+        res["matching_true_masks"] = {"dice": mean("gt_dice"), "iou": mean("gt_iou"),
+                                      "crop_dice": mean("gt_crop_dice")}
+        res["matching_true_masks_without_localization"] = {
+            "dice": mean("gt_noloc_dice"), "iou": mean("gt_noloc_iou")}
+        rows.append(["with localization, true masks (the paper's setting)", "", "",
+                     res["matching_true_masks"]["dice"], res["matching_true_masks"]["iou"]])
+    rows.append([f"with localization, {seg} (end to end; box snapped to the segmented object)",
+                 res["detection"]["dice"], res["detection"]["iou"], res["matching"]["dice"],
+                 res["matching"]["iou"]])
+    if gt:
+        rows.append(["without localization, true masks (full-frame matcher)", "—", "—",
+                     res["matching_true_masks_without_localization"]["dice"],
+                     res["matching_true_masks_without_localization"]["iou"]])
+    rows.append([f"without localization, {seg} (full-frame matcher)", "—", "—",
+                 res["matching_without_localization"]["dice"],
+                 res["matching_without_localization"]["iou"]])
+    table = _table(["", "detection Dice", "detection IoU", "matching Dice", "matching IoU"], rows)
     stages = _table(["stage", "median ms / pair"],
                     [[k, f"{v:.2f}"] for k, v in stage.items()]
                     + [["without localization, total",
                         f"{res['matching_without_localization']['ms']:.2f}"]])
     dist = _table(["distractors", "scenes", "detection Dice", "matching Dice", "no-loc. Dice"],
                   [[k, v["n"], v["box_dice"], v["dice"], v["noloc_dice"]] for k, v in by_k.items()])
-    print(f"MNIST scenes, {n} held-out 112×112 scenes (test rows, seed {seed}), "
+    side = test[0].fixed.shape[0]
+    title = TITLES["usct-real" if real else dataset]
+    print(f"{title}: {n} held-out {side}×{side} scenes (seed {seed}), "
           f"{torch.get_num_threads()} threads, {pipe.refine_steps} refinement steps; "
           f"matching scored end to end on the full frame\n")
     print(table, "\n")
     print(dist, "\n")
     print(stages)
-    payload = {"dataset": dataset, "scenes": n, "seed": seed, "threads": torch.get_num_threads(),
+    payload = {"dataset": dataset, "real": real, "scenes": n, "seed": seed, "threads": torch.get_num_threads(),
                "refine_steps": pipe.refine_steps,
-               "results": res, "paper": PAPER, "table": table, "stages": stages,
+               "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
-    tag = f"{dataset}_pipeline" + (f"_refine{pipe.refine_steps}" if pipe.refine_steps else "")
+    tag = (f"{dataset}{'_real' if real else ''}_pipeline"
+           + (f"_refine{pipe.refine_steps}" if pipe.refine_steps else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
         from .viz import summary_figure
@@ -203,11 +270,99 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     return payload
 
 
+def _ncc_inside(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised cross-correlation of images a, b (B, 1, H, W) over the pixels of mask
+    (B, 1, H, W) bool → (B,); 0 where either image is flat there."""
+    w = mask.float()
+    n = w.sum((1, 2, 3)).clamp_min(1)
+    am = (a * w).sum((1, 2, 3)) / n
+    bm = (b * w).sum((1, 2, 3)) / n
+    ac = (a - am[:, None, None, None]) * w
+    bc = (b - bm[:, None, None, None]) * w
+    den = (ac.pow(2).sum((1, 2, 3)) * bc.pow(2).sum((1, 2, 3))).sqrt()
+    return torch.where(den > 1e-8, (ac * bc).sum((1, 2, 3)) / den.clamp_min(1e-8),
+                       torch.zeros_like(den))
+
+
+def evaluate_parts(n: int, seed: int, out: Path, refine: tuple[int, ...] = (0, 10),
+                   figure: bool = True) -> dict:
+    """Plain-mask matcher vs the part-labelled one (paper Fig. 5) on n held-out silhouette
+    pairs: Dice of the whole silhouette, Dice per part (core, thin) after warping, and how
+    well the silhouettes' own grey detail (zebra stripes, giraffe patches) agrees inside the
+    fixed mask after warping (NCC, over the pairs whose fixed silhouette has such detail)."""
+    from .data.silhouettes import MaskPairs
+    plain = checkpoint.load("silhouettes", "matcher")
+    parts = checkpoint.load("silhouettes", "matcher-parts")
+    size = plain.cfg.input_size
+    mov, fix, mov_g, fix_g = MaskPairs("test", seed, size=size, parts=True).batch(
+        n, grey=True, jitter=False)
+    union = lambda x: x.sum(1, keepdim=True).clamp(max=1)
+    fix_u = union(fix) > 0.5
+    # detail pairs: grey structure well inside the fixed silhouette (2 px from its outline, so
+    # the anti-aliased rim does not count)
+    w = 1 - torch.nn.functional.max_pool2d(1 - fix_u.float(), 5, 1, 2)
+    mean_in = (fix_g * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp_min(1)
+    std_in = (((fix_g - mean_in[:, None, None, None]) * w).pow(2).sum((1, 2, 3))
+              / w.sum((1, 2, 3)).clamp_min(1)).sqrt()
+    detail = std_in > 0.08
+
+    def scores(warped_parts: torch.Tensor, warped_grey: torch.Tensor) -> dict:
+        wu = union(warped_parts) > 0.5
+        d = lambda a, b: (2 * (a & b).sum((1, 2, 3)) / (a.sum((1, 2, 3)) + b.sum((1, 2, 3))
+                                                         ).clamp_min(1)).float()
+        part_d = [d(warped_parts[:, k:k + 1] > 0.5, fix[:, k:k + 1] > 0.5) for k in range(2)]
+        inter = (wu & fix_u).sum((1, 2, 3)).float()
+        tot = wu.sum((1, 2, 3)).float() + fix_u.sum((1, 2, 3)).float()
+        ncc = _ncc_inside(warped_grey, fix_g, fix_u)
+        return {"dice": float((2 * inter / tot.clamp_min(1)).mean()),
+                "iou": float((inter / (tot - inter).clamp_min(1)).mean()),
+                "core_dice": float(part_d[0].mean()), "thin_dice": float(part_d[1].mean()),
+                "part_dice": float(((part_d[0] + part_d[1]) / 2).mean()),
+                "ncc_detail": float(ncc[detail].mean()) if detail.any() else float("nan"),
+                "ncc_all": float(ncc.mean())}
+
+    res = {"no warp (identity)": scores(mov, mov_g)}
+    warps = {}
+    for name, model, inp_m, inp_f in (("plain masks", plain, union(mov), union(fix)),
+                                      ("part-labelled masks", parts, mov, fix)):
+        for k in refine:
+            with torch.no_grad():
+                p = model.predict(inp_m, inp_f)
+            if k:
+                p = model.refine(inp_m, inp_f, p, steps=k)
+            with torch.no_grad():
+                wp, wg = model.warp(mov, p), model.warp(mov_g, p)
+            label = name + (f" + {k} refinement steps" if k else "")
+            res[label] = scores(wp, wg)
+            warps[label] = wp
+    rows = [[k, v["dice"], v["iou"], v["core_dice"], v["thin_dice"], v["ncc_detail"],
+             v["ncc_all"]] for k, v in res.items()]
+    table = _table(["matcher", "silhouette Dice", "IoU", "core Dice", "thin-part Dice",
+                    f"NCC inside (detail pairs, n={int(detail.sum())})", "NCC inside (all)"],
+                   rows)
+    print(f"Part-labelled vs plain masks: {n} held-out silhouette pairs (test rows, seed {seed}), "
+          f"{size}×{size}; parts = core (opening) and thin parts; NCC of the silhouettes' grey "
+          f"detail inside the fixed mask after warping\n")
+    print(table)
+    payload = {"pairs": n, "seed": seed, "detail_pairs": int(detail.sum()), "results": res,
+               "table": table}
+    print(f"\nwrote {_write(out, 'silhouettes_parts', payload)}")
+    if figure:
+        from .viz import parts_figure
+        idx = list(dict.fromkeys(torch.nonzero(detail).flatten()[:3].tolist() + [0, 1, 2]))[:6]
+        names = [k for k in warps if "+" not in k]
+        path = out / "silhouettes_parts.png"
+        parts_figure(mov[idx], fix[idx], fix_g[idx], {k: warps[k][idx] for k in names},
+                     str(path))
+        print(f"wrote {path}")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m registration.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["matcher", "pipeline"])
-    p.add_argument("--dataset", default="mnist", choices=["mnist"])
+    p.add_argument("what", choices=["matcher", "pipeline", "parts"])
+    p.add_argument("--dataset", default="mnist", choices=sorted(PAPERS))
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -215,17 +370,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-figure", dest="figure", action="store_false")
     p.add_argument("--checkpoint", default=None,
                    help="matcher: evaluate this checkpoint folder instead of the shipped one")
+    p.add_argument("--real", action="store_true",
+                   help="usct pipeline: the real CT volume's tumour slices instead of phantoms")
     p.add_argument("--refine-steps", type=int, default=None,
                    help="pipeline: test-time refinement steps (default: the pipeline's)")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)   # before the thread pool starts (see train.py)
     torch.set_num_threads(args.threads)
-    if args.what == "matcher":
+    if args.what == "parts":
+        evaluate_parts(args.n, args.seed, Path(args.out), figure=args.figure)
+    elif args.what == "matcher":
         evaluate_matcher(args.dataset, args.n, args.seed, Path(args.out),
                          folder=args.checkpoint)
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
-                          args.refine_steps)
+                          args.refine_steps, args.real)
 
 
 if __name__ == "__main__":

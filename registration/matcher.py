@@ -11,7 +11,7 @@ from .losses import control_smoothness, matcher_loss
 
 
 class Matcher(nn.Module):
-    """(moving, fixed) masks (B, 1, S, S) → TPS parameters (B, 6 + 2K).
+    """(moving, fixed) masks (B, C, S, S), C = cfg.mask_channels, → TPS parameters (B, 6 + 2K).
 
     Conv 32,32,pool,64,64,pool,128,128,pool (leaky ReLU 1e-4), adaptive average pooling, then a
     small FC head whose last layer starts at zero, so an untrained matcher is the identity.
@@ -21,7 +21,7 @@ class Matcher(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or MatcherConfig()
         layers: list[nn.Module] = []
-        c_in = 2
+        c_in = 2 * cfg.mask_channels
         for c in cfg.channels:
             for _ in range(2):
                 layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.LeakyReLU(cfg.leaky_slope)]
@@ -44,10 +44,10 @@ class Matcher(nn.Module):
         return self.cfg.grid_size ** 2
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        s = self.cfg.input_size
+        s, c = self.cfg.input_size, self.cfg.mask_channels
         for name, t in (("moving", moving), ("fixed", fixed)):
-            if t.ndim != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != (s, s):
-                raise ValueError(f"{name}: expected (B, 1, {s}, {s}), got {tuple(t.shape)}")
+            if t.ndim != 4 or t.shape[1] != c or tuple(t.shape[-2:]) != (s, s):
+                raise ValueError(f"{name}: expected (B, {c}, {s}, {s}), got {tuple(t.shape)}")
         x = torch.cat([moving, fixed], dim=1)
         return self.head(self.fc(self.pool(self.features(x))))
 
@@ -102,7 +102,7 @@ class Matcher(nn.Module):
         """Test-time refinement: a few Adam steps on the TPS parameters of each pair, from the
         network's prediction, minimising the training loss. Trades milliseconds for Dice.
 
-        moving, fixed: (B, 1, S, S) masks in [0, 1]; params: (B, P) start (default: predicted).
+        moving, fixed: (B, C, S, S) masks in [0, 1]; params: (B, P) start (default: predicted).
         Returns refined params (B, P), detached. Each pair is optimised independently (the loss
         is a sum over the batch).
         """
@@ -174,7 +174,7 @@ class Matcher(nn.Module):
         return self._basis[key]
 
     def loss(self, moving: torch.Tensor, fixed: torch.Tensor):
-        """Training loss for one batch of masks (B, 1, S, S) in [0, 1]."""
+        """Training loss for one batch of masks (B, C, S, S) in [0, 1]."""
         params = self(moving, fixed).float()
         grid = self.grid(params, tuple(fixed.shape[-2:]))
         warped = tps.warp_image(moving.float(), grid)

@@ -22,6 +22,14 @@ from .coords import norm_to_pixel
 
 DATASETS: dict[str, DatasetConfig] = {
     "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4, threshold=0.5),
+    # textured scenes, animals lighter or darker than the ground: a learned segmenter; the
+    # crop margin is the matcher's training margin (registration.data.silhouettes.CROP_MARGIN)
+    "silhouettes": DatasetConfig(name="silhouettes", segmenter="learned", bright_objects=False,
+                                 crop_margin=1.3, threshold=None, min_object_px=8),
+    # CT (fixed) and simulated ultrasound (moving): the tumour is segmented by a U-Net
+    "usct": DatasetConfig(name="usct", segmenter="learned", bright_objects=False,
+                          crop_margin=1.4, threshold=None, min_object_px=6, snap_clip=0.15,
+                          query="whole"),
 }
 
 DEFAULT_REFINE_STEPS = 10     # test-time refinement steps: end-to-end Dice 0.78 → 0.85 (README)
@@ -208,16 +216,30 @@ def full_frame_masks(moving: np.ndarray, fixed: np.ndarray, size: int = 112,
     mg = bright_foreground(to_gray(moving, "moving"))
     fg = bright_foreground(to_gray(fixed, "fixed"))
     m_mask = segment.object_mask(mg, threshold=threshold)
-    b = mask_box(m_mask)
+    f_small = cv2.resize(fg, (size, size), interpolation=cv2.INTER_AREA)
+    return (centred_object(m_mask, size, moving_fraction),
+            segment.foreground_or_otsu(f_small, threshold))
+
+
+def centred_object(mask: np.ndarray, size: int, fraction: float = 0.5) -> np.ndarray:
+    """The object of an (H, W) bool mask, cropped to the square 1.4 × its box and scaled to
+    ``fraction`` of a size × size frame, at the frame's centre (size, size) bool."""
+    b = mask_box(mask)
     if b is None:
-        b = (0, 0, mg.shape[1], mg.shape[0])
-    inner = max(1, round(size * moving_fraction))
-    obj = crop_mask(m_mask, square_around(b, 1.4), inner)
+        b = (0, 0, mask.shape[1], mask.shape[0])
+    inner = max(1, round(size * fraction))
     canvas = np.zeros((size, size), bool)
     o = (size - inner) // 2
-    canvas[o:o + inner, o:o + inner] = obj
-    f_small = cv2.resize(fg, (size, size), interpolation=cv2.INTER_AREA)
-    return canvas, segment.foreground_or_otsu(f_small, threshold)
+    canvas[o:o + inner, o:o + inner] = crop_mask(mask, square_around(b, 1.4), inner)
+    return canvas
+
+
+def full_frame_layout(moving_mask: np.ndarray, fixed_mask: np.ndarray, size: int,
+                      moving_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`full_frame_masks` for given masks: the moving object centred at
+    ``moving_fraction`` of the frame, the whole fixed mask resized; two (size, size) bool."""
+    f = cv2.resize(fixed_mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return centred_object(moving_mask, size, moving_fraction), f > 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +248,7 @@ class Pipeline:
     """Localizer + matcher (+ the full-frame matcher) for one data set."""
 
     def __init__(self, matcher, localizer=None, matcher_full=None,
-                 dataset: DatasetConfig | None = None, refine_steps: int = 0):
+                 dataset: DatasetConfig | None = None, refine_steps: int = 0, segmenter=None):
         # inference layouts: channels-last convolutions run ~1.4× faster on CPU here, and the
         # localizer's BatchNorms are folded into its convolutions
         self.matcher = matcher.eval().to(memory_format=torch.channels_last)
@@ -234,6 +256,11 @@ class Pipeline:
         self.matcher_full = (matcher_full.eval().to(memory_format=torch.channels_last)
                              if matcher_full is not None else None)
         self.dataset = dataset or DatasetConfig()
+        if self.dataset.segmenter == "learned" and segmenter is None:
+            raise ValueError(f"segmenter: data set {self.dataset.name!r} segments with a learned "
+                             "segmenter, got None")
+        self.segmenter = (segmenter.eval().to(memory_format=torch.channels_last)
+                          if segmenter is not None else None)
         # test-time refinement: Adam steps on each pair's TPS parameters after the network's
         # one-shot prediction (0 = the network alone, fastest)
         self.refine_steps = int(refine_steps)
@@ -243,12 +270,78 @@ class Pipeline:
                         refine_steps: int = DEFAULT_REFINE_STEPS) -> "Pipeline":
         """Load ``checkpoints/<name>/{matcher,localizer,matcher-full}`` (else from the Hub).
 
-        The matcher is required; the localizer and full-frame matcher are loaded when present.
+        The matcher (and, for data sets segmented by a network, the segmenter) is required;
+        the localizer and full-frame matcher are loaded when present.
         """
         if name not in DATASETS:
             raise ValueError(f"name: expected one of {sorted(DATASETS)}, got {name!r}")
+        ds = DATASETS[name]
+        seg = checkpoint.load(name, "segmenter") if ds.segmenter == "learned" else None
         return cls(checkpoint.load(name, "matcher"), checkpoint.try_load(name, "localizer"),
-                   checkpoint.try_load(name, "matcher-full"), DATASETS[name], refine_steps)
+                   checkpoint.try_load(name, "matcher-full"), ds, refine_steps, seg)
+
+    # -- segmentation ----------------------------------------------------------------------
+
+    def _polarity(self, gray: np.ndarray) -> np.ndarray:
+        return bright_foreground(gray) if self.dataset.bright_objects else gray
+
+    @torch.no_grad()
+    def _segnet_probs(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Learned segmenter on (S, S) float crops → foreground probabilities (N, S, S)."""
+        x = torch.from_numpy(np.stack(crops).astype(np.float32))[:, None]
+        return torch.sigmoid(self.segmenter(x.contiguous(memory_format=torch.channels_last))
+                             )[:, 0].numpy()
+
+    def _object_masks(self, grays: list[np.ndarray]) -> list[np.ndarray]:
+        """The single object each whole (moving) image shows, (H, W) bool each."""
+        if self.segmenter is None:
+            return [segment.object_mask(g, threshold=self.dataset.threshold) for g in grays]
+        s = self.segmenter.cfg.input_size
+        probs = self._segnet_probs([cv2.resize(g, (s, s), interpolation=cv2.INTER_AREA)
+                                    for g in grays])
+        return [segment.drop_specks(cv2.resize(p, g.shape[::-1],
+                                               interpolation=cv2.INTER_LINEAR) > 0.5)
+                for p, g in zip(probs, grays)]
+
+    def _region_masks(self, grays: list[np.ndarray], boxes) -> list[np.ndarray]:
+        """Foreground of each fixed image (H, W) inside the square around its xyxy box (a
+        margin × box crop); zeros elsewhere. Learned: the segmenter on the crop, sampled back
+        at the frame's pixels; else the threshold on the frame's pixels."""
+        out, todo = [], []
+        for g, box in zip(grays, boxes):
+            region = square_around(box, self.dataset.crop_margin
+                                   if self.segmenter is None else self.segmenter.cfg.margin)
+            sl, pts = paste_points(region, g.shape)
+            m = np.zeros(g.shape, bool)
+            if sl is not None and self.segmenter is None:
+                m[sl] = segment.foreground_or_otsu(g[sl], self.dataset.threshold)
+            elif sl is not None:
+                todo.append((len(out), sl, pts, region))
+            out.append(m)
+        if todo:
+            s = self.segmenter.cfg.input_size
+            probs = self._segnet_probs([crop(grays[i], region, s) for i, _, _, region in todo])
+            for (i, sl, pts, _), p in zip(todo, probs):
+                h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+                at = torch.from_numpy(pts).reshape(1, h, w, 2)
+                v = torch.nn.functional.grid_sample(torch.from_numpy(p)[None, None], at,
+                                                    mode="bilinear", padding_mode="zeros",
+                                                    align_corners=False)
+                out[i][sl] = v[0, 0].numpy() > 0.5
+        return out
+
+    def _frame_mask(self, gray: np.ndarray, size: int) -> np.ndarray:
+        """Every object of a whole (fixed) frame at size × size, for the no-localization path.
+        Learned: the segmenter runs fully convolutionally at the frame's own resolution, where
+        objects have about the size they have in its training crops."""
+        if self.segmenter is None:
+            small = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+            return segment.foreground_or_otsu(small, self.dataset.threshold)
+        h, w = gray.shape
+        k = 2 ** (len(self.segmenter.cfg.channels) - 1)
+        hh, ww = max(k, round(h / k) * k), max(k, round(w / k) * k)
+        p = self._segnet_probs([cv2.resize(gray, (ww, hh), interpolation=cv2.INTER_AREA)])[0]
+        return cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA) > 0.5
 
     @property
     def size(self) -> int:
@@ -324,7 +417,8 @@ class Pipeline:
         moving_masks = moving_masks or [None] * n
         fixed_masks = fixed_masks or [None] * n
         if not localize:
-            return [self._register_full(m, f) for m, f in pairs]
+            return [self._register_full(m, f, um, uf)
+                    for (m, f), um, uf in zip(pairs, moving_masks, fixed_masks)]
         if self.localizer is None:
             raise RegistrationError("this pipeline has no localizer checkpoint")
         t = {}
@@ -332,8 +426,8 @@ class Pipeline:
         margin, s = self.dataset.crop_margin, self.size
         prep = []
         for i, (moving, fixed) in enumerate(pairs):
-            mg = bright_foreground(to_gray(moving, "moving"))
-            fg = bright_foreground(to_gray(fixed, "fixed"))
+            mg = self._polarity(to_gray(moving, "moving"))
+            fg = self._polarity(to_gray(fixed, "fixed"))
             um = _mask_arg(moving_masks[i], mg, "moving_mask")
             uf = _mask_arg(fixed_masks[i], fg, "fixed_mask")
             mg, _ = _to_work_res(mg)
@@ -345,14 +439,16 @@ class Pipeline:
             if uf is not None:
                 uf = cv2.resize(uf.astype(np.uint8), fg.shape[::-1],
                                 interpolation=cv2.INTER_NEAREST) > 0
-            thr = self.dataset.threshold
-            m_mask = um if um is not None else segment.object_mask(mg, threshold=thr)
-            mb = mask_box(m_mask)
+            prep.append(dict(mg=mg, fg=fg, uf=uf, m_mask=um, scale=scale,
+                             shape_in=(h_in, w_in)))
+        todo = [p for p in prep if p["m_mask"] is None]
+        for p, m in zip(todo, self._object_masks([p["mg"] for p in todo]) if todo else []):
+            p["m_mask"] = m
+        for p in prep:
+            mb = mask_box(p["m_mask"])
             if mb is None:
                 raise RegistrationError("no object found in the moving image")
-            m_sq = square_around(mb, margin)
-            prep.append(dict(mg=mg, fg=fg, uf=uf, m_mask=m_mask, m_sq=m_sq, scale=scale,
-                             shape_in=(h_in, w_in)))
+            p["m_sq"] = square_around(mb, margin)
         t["segment_moving"] = time.perf_counter() - t0
 
         # localize: letterbox the fixed image into the SSD's square input
@@ -366,7 +462,9 @@ class Pipeline:
             canvas = np.zeros((lc.image_size, lc.image_size), np.float32)
             canvas[:nh, :nw] = cv2.resize(p["fg"], (nw, nh), interpolation=cv2.INTER_AREA)
             fixed_in.append(canvas)
-            query_in.append(crop(p["mg"], p["m_sq"], lc.query_size))
+            query_in.append(
+                cv2.resize(p["mg"], (lc.query_size, lc.query_size), interpolation=cv2.INTER_AREA)
+                if self.dataset.query == "whole" else crop(p["mg"], p["m_sq"], lc.query_size))
             lb.append(k)
         with torch.no_grad():
             boxes, scores = self.localizer.predict(torch.from_numpy(np.stack(fixed_in))[:, None],
@@ -377,17 +475,15 @@ class Pipeline:
         t0 = time.perf_counter()
         mov_masks, fix_masks, mov_crops, fix_crops = [], [], [], []
         for p, box, k in zip(prep, boxes.numpy().astype(np.float64), lb):
-            box = box / k
-            p["ssd_box"] = box
-            fg = p["fg"]
-            region = square_around(box, margin)
-            sl, _ = paste_points(region, fg.shape)
-            if p["uf"] is not None:
-                fmask = p["uf"]
-            else:
-                fmask = np.zeros(fg.shape, bool)
-                if sl is not None:
-                    fmask[sl] = segment.foreground_or_otsu(fg[sl], self.dataset.threshold)
+            p["ssd_box"] = box / k
+        todo = [p for p in prep if p["uf"] is None]
+        found = self._region_masks([p["fg"] for p in todo], [p["ssd_box"] for p in todo]) \
+            if todo else []
+        for p, m in zip(todo, found):
+            p["uf_seg"] = m
+        for p in prep:
+            box, fg = p["ssd_box"], p["fg"]
+            fmask = p["uf"] if p["uf"] is not None else p.pop("uf_seg")
             obj = segment.select_best_fit(fmask, box, min_px=self.dataset.min_object_px,
                                           clip=self.dataset.snap_clip)
             fb = mask_box(obj)
@@ -469,15 +565,20 @@ class Pipeline:
         return cv2.resize(mask.astype(np.uint8), (shape_in[1], shape_in[0]),
                           interpolation=cv2.INTER_NEAREST) > 0
 
-    def _register_full(self, moving, fixed) -> Result:
+    def _register_full(self, moving, fixed, moving_mask=None, fixed_mask=None) -> Result:
         """Without localization: the full-frame matcher on whole frames (paper §4.2)."""
         if self.matcher_full is None:
             raise RegistrationError("this pipeline has no full-frame matcher checkpoint")
         t0 = time.perf_counter()
         size = self.matcher_full.cfg.input_size
-        fg = bright_foreground(to_gray(fixed, "fixed"))
-        mg = bright_foreground(to_gray(moving, "moving"))
-        m_mask, f_mask = full_frame_masks(mg, fg, size, threshold=self.dataset.threshold)
+        fg = self._polarity(to_gray(fixed, "fixed"))
+        mg = self._polarity(to_gray(moving, "moving"))
+        um = _mask_arg(moving_mask, mg, "moving_mask")
+        uf = _mask_arg(fixed_mask, fg, "fixed_mask")
+        m_obj = um if um is not None else self._object_masks([mg])[0]
+        f_mask = (full_frame_layout(m_obj, uf, size)[1] if uf is not None
+                  else self._frame_mask(fg, size))
+        m_mask = centred_object(m_obj, size)
         if not m_mask.any() or not f_mask.any():
             raise RegistrationError("no object found")
         t_seg = time.perf_counter() - t0

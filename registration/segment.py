@@ -94,7 +94,12 @@ def object_mask(gray: np.ndarray, min_fraction_of_largest: float = 0.05,
                 threshold: float | None = None) -> np.ndarray:
     """Mask of the single object an image shows: foreground (see :func:`foreground_or_otsu`)
     minus specks smaller than ``min_fraction_of_largest`` of the largest component. (H, W) bool."""
-    fg = foreground_or_otsu(gray, threshold)
+    return drop_specks(foreground_or_otsu(gray, threshold), min_fraction_of_largest)
+
+
+def drop_specks(fg: np.ndarray, min_fraction_of_largest: float = 0.05) -> np.ndarray:
+    """``fg`` (H, W) bool without components smaller than ``min_fraction_of_largest`` of the
+    largest one."""
     n, labels, stats = components(fg)
     if n <= 1:
         return fg

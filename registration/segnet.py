@@ -11,33 +11,21 @@ side around the object's box (jittered in training), resampled to S × S, zeros 
 image (``registration.pipeline``'s ``square_around`` and ``crop``), with the crop of the true
 mask as target. The loss is soft Dice + BCE.
 
-Pure functions plus one thin ``nn.Module``; checkpoint plumbing (``config.CONFIGS``,
-``checkpoint.build``) is left to the code that ships the weights.
+Pure functions plus one thin ``nn.Module``; built from ``config.SegNetConfig`` and shipped as
+``checkpoints/<dataset>/segmenter`` by ``python -m registration.train segmenter``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SegNetConfig
 from .pipeline import crop as crop_image
 from .pipeline import square_around
-
-
-@dataclass
-class SegNetConfig:
-    """Builds :class:`SegNet`; saved beside its weights as config.json."""
-
-    input_size: int = 64                      # crops are resized to input_size × input_size
-    channels: tuple[int, ...] = (16, 32, 64)  # one entry per level, the last is the bottleneck
-    margin: float = 1.4                       # crop side = margin × the box's longest side
-    dice_weight: float = 1.0                  # loss = dice_weight·(1 − soft Dice) + bce_weight·BCE
-    bce_weight: float = 1.0
-    kind: str = "segnet"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from .config import MATCHER_PRESETS, LocalizerConfig, MatcherConfig
+from .config import DATASET_MODELS, MATCHER_PRESETS, LocalizerConfig, MatcherConfig
 from .matcher import Matcher
 
 
@@ -110,8 +110,9 @@ def matcher_val_dice(model: Matcher, moving: torch.Tensor, fixed: torch.Tensor,
     dices, ious = [], []
     for i in range(0, len(moving), bs):
         m, f = moving[i:i + bs], fixed[i:i + bs]
-        w = model.warp(m, model.predict(m, f)) > 0.5
-        f = f > 0.5
+        # part-labelled masks are scored on the whole silhouette (the union of the parts)
+        w = model.warp(m, model.predict(m, f)).sum(1, keepdim=True) > 0.5
+        f = f.sum(1, keepdim=True) > 0.5
         inter = (w & f).sum((1, 2, 3)).float()
         s = w.sum((1, 2, 3)).float() + f.sum((1, 2, 3)).float()
         dices.append(2 * inter / s.clamp_min(1))
@@ -152,17 +153,100 @@ def fit(model, batch_loss, validate, args, desc: str, weight_decay: float) -> di
             **validate(), "log": log}
 
 
+class SilhouetteFullFrames:
+    """The no-localization setting on silhouette scenes: the moving animal's mask centred on a
+    frame at half its size, and the mask of every animal in the fixed scene (true masks),
+    both resized to size × size."""
+
+    def __init__(self, part: str, seed: int, size: int):
+        self.gen = scene_generator("silhouettes", part, seed)
+        self.size = size
+        from .pipeline import full_frame_layout
+        self._layout = full_frame_layout
+
+    def batch(self, n: int):
+        mov, fix = [], []
+        for _ in range(n):
+            s = self.gen.sample()
+            m, f = self._layout(s.moving_mask, s.all_mask, self.size)
+            mov.append(m)
+            fix.append(f)
+        t = lambda a: torch.from_numpy(np.stack(a)).float().unsqueeze(1)
+        return t(mov), t(fix)
+
+
+class PairCrops:
+    """Object-centric mask crops of scenes' (moving, target) masks, as the pipeline cuts them:
+    ``square_around(box, margin)`` jittered (``segnet.jitter_square``), size × size; a pair
+    is mirrored with probability ½ (both crops together)."""
+
+    def __init__(self, source, size: int, margin: float, seed: int, jitter: bool = True):
+        self.source, self.size, self.margin = source, size, margin
+        self.rng = np.random.default_rng(seed)
+        self.jitter = jitter
+
+    def batch(self, n: int):
+        from .pipeline import crop_mask, square_around
+        from .segnet import jitter_square
+        mov, fix = [], []
+        for s in self.source.batch(n):
+            sq = (lambda b: jitter_square(b, self.margin, self.rng, 0.04, 0.08)) if self.jitter \
+                else (lambda b: square_around(b, self.margin))
+            m = crop_mask(s.moving_mask, sq(s.moving_box), self.size)
+            f = crop_mask(s.target_mask, sq(s.box), self.size)
+            if self.jitter and self.rng.random() < 0.5:
+                m, f = m[:, ::-1], f[:, ::-1]
+            mov.append(m)
+            fix.append(f)
+        t = lambda a: torch.from_numpy(np.stack(a).astype(np.float32)).unsqueeze(1)
+        return t(mov), t(fix)
+
+
+class FullFrameCrops:
+    """The no-localization setting on cached scenes: the moving object's mask centred at half
+    the frame, every target-like object of the fixed image (``all_mask``), size × size."""
+
+    def __init__(self, source, size: int):
+        from .pipeline import full_frame_layout
+        self.source, self.size, self._layout = source, size, full_frame_layout
+
+    def batch(self, n: int):
+        pairs = [self._layout(s.moving_mask, s.all_mask, self.size) for s in self.source.batch(n)]
+        t = lambda a: torch.from_numpy(np.stack(a).astype(np.float32)).unsqueeze(1)
+        return t([p[0] for p in pairs]), t([p[1] for p in pairs])
+
+
+def matcher_data(dataset: str, full: bool, part: str, seed: int, cfg: MatcherConfig,
+                 args=None):
+    if dataset == "usct":
+        from .pipeline import DATASETS
+        src = scene_source(dataset, part, seed, args)
+        if full:
+            return FullFrameCrops(src, cfg.input_size)
+        return PairCrops(src, cfg.input_size, DATASETS[dataset].crop_margin, seed,
+                         jitter=part == "train")
+    if dataset == "silhouettes":
+        from .data.silhouettes import MaskPairs
+        if full:
+            return SilhouetteFullFrames(part, seed, cfg.input_size)
+        return MaskPairs(part, seed, size=cfg.input_size, parts=cfg.mask_channels == 2)
+    return FullFramePairs(part, seed) if full else MnistPairs(part, seed)
+
+
 def train_matcher(args, full: bool) -> dict:
     preset = MATCHER_PRESETS[args.preset]
-    cfg = MatcherConfig(input_size=112 if full else 28,
-                        grid_size=16 if full else (args.grid or preset["grid_size"]),
+    over = DATASET_MODELS.get(args.dataset, {}).get("matcher-full" if full else "matcher", {})
+    cfg = MatcherConfig(input_size=over.get("input_size", 112 if full else 28),
+                        grid_size=(over.get("grid_size", 16) if full
+                                   else (args.grid or preset["grid_size"])),
                         smooth_weight=args.smooth,
                         fold_weight=preset["fold_weight"] if args.fold is None else args.fold,
-                        passes=args.passes if args.passes else (1 if full else preset["passes"]))
+                        passes=args.passes if args.passes else (1 if full else preset["passes"]),
+                        mask_channels=2 if args.parts else 1)
     torch.manual_seed(args.seed)
     model = Matcher(cfg).to(memory_format=torch.channels_last)
-    data = FullFramePairs("train", args.seed) if full else MnistPairs("train", args.seed)
-    val_data = FullFramePairs("val", args.seed + 1) if full else MnistPairs("val", args.seed + 1)
+    data = matcher_data(args.dataset, full, "train", args.seed, cfg, args)
+    val_data = matcher_data(args.dataset, full, "val", args.seed + 1, cfg, args)
     val_m, val_f = val_data.batch(args.val_pairs)
 
     n_cascade = int(round(args.batch * args.cascade)) if cfg.passes > 1 else 0
@@ -190,11 +274,23 @@ def train_matcher(args, full: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 # localizer
 
-def scene_tensors(scenes_list):
-    """Scenes → fixed (B, 1, S, S), moving (B, 1, 28, 28) in [0, 1], boxes (B, 4)."""
-    f = torch.from_numpy(np.stack([s.fixed for s in scenes_list])).float().div_(255).unsqueeze(1)
-    m = torch.from_numpy(np.stack([s.moving for s in scenes_list])).float().div_(255).unsqueeze(1)
-    b = torch.from_numpy(np.stack([s.box for s in scenes_list])).float()
+def scene_tensors(scenes_list, image_size: int | None = None, query_size: int | None = None,
+                  margin: float = 1.4, whole: bool = False):
+    """Scenes → fixed (B, 1, S, S), moving (B, 1, q, q) in [0, 1], boxes (B, 4) xyxy in the
+    S-px frame. A fixed image larger than ``image_size`` is resized (INTER_AREA) and its box
+    scaled; ``query_size`` picks the query (see :func:`query_crop`)."""
+    import cv2
+    fixed = [s.fixed for s in scenes_list]
+    k = 1.0
+    if image_size and fixed[0].shape[0] != image_size:
+        k = image_size / fixed[0].shape[0]
+        fixed = [cv2.resize(x, (image_size, image_size), interpolation=cv2.INTER_AREA)
+                 for x in fixed]
+    f = torch.from_numpy(np.stack(fixed)).float().div_(255).unsqueeze(1)
+    mov = [query_crop(s, query_size, margin, whole) if query_size else s.moving
+           for s in scenes_list]
+    m = torch.from_numpy(np.stack(mov).astype(np.float32)).div_(255).unsqueeze(1)
+    b = torch.from_numpy(np.stack([s.box for s in scenes_list])).float() * k
     return f, m, b
 
 
@@ -212,17 +308,106 @@ def localizer_val(model, fixed, moving, boxes, bs: int = 250) -> dict:
             "val_hit": round(float((iou >= 0.5).float().mean()), 4)}
 
 
+def scene_generator(dataset: str, part: str, seed: int):
+    """The data set's seeded scene sampler (``.sample()`` / ``.batch(n)`` → scenes)."""
+    if dataset == "usct":
+        from .data.usct import PairGenerator
+        return PairGenerator(part, seed)
+    if dataset == "silhouettes":
+        from .data.silhouettes import SceneGenerator
+    else:
+        from .data.scenes import SceneGenerator
+    return SceneGenerator(part, seed=seed)
+
+
+class CachedScenes:
+    """A fixed list of scenes served like a generator (``sample``/``batch`` draw at random)."""
+
+    def __init__(self, scenes_list, seed: int):
+        self.items, self.rng = scenes_list, np.random.default_rng(seed)
+
+    def sample(self):
+        return self.items[int(self.rng.integers(len(self.items)))]
+
+    def batch(self, n: int):
+        return [self.sample() for _ in range(n)]
+
+
+def scene_source(dataset: str, part: str, seed: int, args):
+    """Training/validation scenes: generated on the fly, or (US–CT, ~0.1 s a pair) a cached
+    set of ``args.pairs`` (validation: ``args.val_pairs``)."""
+    if dataset != "usct":
+        return scene_generator(dataset, part, seed)
+    from .data.usct import cached_pairs
+    n = args.pairs if part == "train" else args.val_pairs
+    return CachedScenes(cached_pairs(part, seed, n), seed)
+
+
+def query_crop(scene, query_size: int, margin: float, whole: bool = False) -> np.ndarray:
+    """The localizer's query: the moving image itself when it is query_size²; else resized
+    whole (``whole``) or the pipeline's crop around the moving object's box. (q, q)."""
+    if scene.moving.shape[0] == query_size:
+        return scene.moving
+    import cv2
+    if whole:
+        return cv2.resize(scene.moving, (query_size, query_size), interpolation=cv2.INTER_AREA)
+    from .pipeline import crop, square_around
+    return crop(scene.moving.astype(np.float32), square_around(scene.moving_box, margin),
+                query_size)
+
+
+class ScenePool:
+    """Training scenes as tensors, renewed a share at a time.
+
+    Silhouette scenes take ~5 ms each to paint, as long as a third of a localizer step, so a
+    pool of ``size`` scenes is painted once and each batch replaces ``fresh`` of its draws with
+    new scenes; every draw is also mirrored left–right with probability ½ (fixed, moving and
+    box together), which keeps the pool from being memorised. ``fresh=1`` is plain on-the-fly
+    sampling."""
+
+    def __init__(self, gen, size: int, fresh: float, seed: int, to_tensors=scene_tensors):
+        self.gen, self.fresh, self.to_tensors = gen, float(fresh), to_tensors
+        self.rng = np.random.default_rng(seed)
+        self.size = size if self.fresh < 1 else 0
+        self.f = self.m = self.b = None
+        if self.size:
+            self.f, self.m, self.b = to_tensors(gen.batch(size))
+
+    def batch(self, n: int):
+        if not self.size:
+            f, m, b = self.to_tensors(self.gen.batch(n))
+        else:
+            idx = torch.from_numpy(self.rng.choice(self.size, n, replace=False))
+            k = int(round(n * self.fresh))
+            if k:
+                nf, nm, nb = self.to_tensors(self.gen.batch(k))
+                self.f[idx[:k]], self.m[idx[:k]], self.b[idx[:k]] = nf, nm, nb
+            f, m, b = self.f[idx].clone(), self.m[idx].clone(), self.b[idx].clone()
+        flip = torch.from_numpy(self.rng.random(n) < 0.5)
+        if flip.any():
+            w = f.shape[-1]
+            f[flip] = f[flip].flip(-1)
+            m[flip] = m[flip].flip(-1)
+            b[flip] = torch.stack([w - b[flip, 2], b[flip, 1], w - b[flip, 0], b[flip, 3]], 1)
+        return f, m, b
+
+
 def train_localizer(args) -> dict:
-    from .data.scenes import SceneGenerator
     from .localizer import Localizer
-    cfg = LocalizerConfig(conditioning=args.conditioning)
+    cfg = LocalizerConfig(conditioning=args.conditioning,
+                          **DATASET_MODELS.get(args.dataset, {}).get("localizer", {}))
     torch.manual_seed(args.seed)
     model = Localizer(cfg).to(memory_format=torch.channels_last)
-    gen = SceneGenerator("train", seed=args.seed)
-    val = scene_tensors(SceneGenerator("val", seed=args.seed + 1).batch(args.val_pairs))
+    from .pipeline import DATASETS
+    ds = DATASETS[args.dataset]
+    tensors = lambda ss: scene_tensors(ss, cfg.image_size, cfg.query_size, ds.crop_margin,
+                                       ds.query == "whole")
+    pool = ScenePool(scene_source(args.dataset, "train", args.seed, args), args.pool,
+                     args.fresh, args.seed, tensors)
+    val = tensors(scene_source(args.dataset, "val", args.seed + 1, args).batch(args.val_pairs))
 
     def batch_loss():
-        f, m, b = scene_tensors(gen.batch(args.batch))
+        f, m, b = pool.batch(args.batch)
         return model.loss(f.contiguous(memory_format=torch.channels_last), m, b)
 
     metrics = fit(model, batch_loss, lambda: localizer_val(model, *val), args,
@@ -230,12 +415,72 @@ def train_localizer(args) -> dict:
     return {"model": model, "cfg": cfg, "metrics": {**metrics, "val_scenes": args.val_pairs}}
 
 
+# ---------------------------------------------------------------------------------------------
+# segmenter (learned masks for textured scenes)
+
+def segmenter_samples(scenes_list, size: int, margin: float, rng) -> tuple[torch.Tensor, ...]:
+    """Per scene: the fixed crop around the target (jittered), the moving crop around the
+    moving animal (jittered) and the whole moving frame resized to size × size (the pipeline
+    segments the moving image whole). Returns images, masks (N, 1, size, size) float."""
+    import cv2
+
+    from .segnet import scene_crops
+    imgs, msks = scene_crops(scenes_list, size, margin, rng)
+    whole_i = np.stack([cv2.resize(s.moving, (size, size), interpolation=cv2.INTER_AREA)
+                        for s in scenes_list]).astype(np.float32)[:, None] / 255
+    whole_m = np.stack([cv2.resize(s.moving_mask.astype(np.float32), (size, size),
+                                   interpolation=cv2.INTER_AREA) > 0.5
+                        for s in scenes_list]).astype(np.float32)[:, None]
+    return (torch.from_numpy(np.concatenate([imgs, whole_i])),
+            torch.from_numpy(np.concatenate([msks, whole_m])))
+
+
+def train_segmenter(args) -> dict:
+    from .segnet import SegNet, SegNetConfig, segmentation_loss
+    cfg = SegNetConfig()
+    torch.manual_seed(args.seed)
+    model = SegNet(cfg).to(memory_format=torch.channels_last)
+    gen = scene_source(args.dataset, "train", args.seed, args)
+    rng = np.random.default_rng(args.seed)
+    pool = gen.batch(args.pool)
+    per = max(1, args.batch // 3)
+    val_i, val_m = segmenter_samples(scene_source(args.dataset, "val", args.seed + 1, args)
+                                     .batch(args.val_pairs), cfg.input_size, cfg.margin,
+                                     np.random.default_rng(args.seed + 1))
+
+    def batch_loss():
+        idx = rng.choice(len(pool), per, replace=False)
+        for k in idx[:int(round(per * args.fresh))]:
+            pool[k] = gen.sample()
+        i, m = segmenter_samples([pool[k] for k in idx], cfg.input_size, cfg.margin, rng)
+        flip = torch.from_numpy(rng.random(len(i)) < 0.5)
+        i[flip], m[flip] = i[flip].flip(-1), m[flip].flip(-1)
+        return segmentation_loss(model(i.contiguous(memory_format=torch.channels_last)), m,
+                                 cfg.dice_weight, cfg.bce_weight)
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        pred = torch.cat([model(val_i[k:k + 200]) > 0 for k in range(0, len(val_i), 200)])
+        model.train()
+        t = val_m > 0.5
+        inter = (pred & t).sum((1, 2, 3)).float()
+        tot = pred.sum((1, 2, 3)).float() + t.sum((1, 2, 3)).float()
+        return {"val_dice": round(float((2 * inter / tot.clamp_min(1)).mean()), 4),
+                "val_iou": round(float((inter / (tot - inter).clamp_min(1)).mean()), 4)}
+
+    metrics = fit(model, batch_loss, validate, args, "train segmenter", 1e-4)
+    return {"model": model, "cfg": cfg,
+            "metrics": {**metrics, "val_scenes": args.val_pairs,
+                        "val_crops": int(len(val_i))}}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m registration.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["matcher", "matcher-full", "localizer"])
-    p.add_argument("--dataset", default="mnist", choices=["mnist"])
+    p.add_argument("model", choices=["matcher", "matcher-full", "localizer", "segmenter"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "silhouettes", "usct"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time budget; the LR schedule follows it (default per model)")
@@ -252,7 +497,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="matcher cascade passes at inference (default 3; matcher-full 1)")
     p.add_argument("--cascade", type=float, default=0.5,
                    help="share of each matcher batch pre-warped by the model itself")
+    p.add_argument("--parts", action="store_true",
+                   help="matcher: part-labelled masks (2 channels: core and thin parts)")
     p.add_argument("--conditioning", default="film", choices=["film", "stack"])
+    p.add_argument("--pairs", type=int, default=2000,
+                   help="usct: training pairs made once and cached (see data.usct.cached_pairs)")
+    p.add_argument("--pool", type=int, default=4096,
+                   help="localizer: training scenes kept in memory (see ScenePool)")
+    p.add_argument("--fresh", type=float, default=None,
+                   help="localizer: share of each batch painted anew (default: mnist 1, "
+                        "silhouettes 0.25)")
     p.add_argument("--val-pairs", type=int, default=1000)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -267,16 +521,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     # (max steps, batch, lr, minutes)
     defaults = {"matcher": (100000, 128, 1e-3, 19), "matcher-full": (100000, 32, 1e-3, 6),
-                "localizer": (100000, 32, 2e-3, 25)}[args.model]
+                "localizer": (100000, 32, 2e-3, 25),
+                "segmenter": (100000, 48, 2e-3, 15)}[args.model]
     if args.minutes is None and args.steps is None:
         args.minutes = defaults[3]
     args.steps = args.steps or defaults[0]
     args.minutes = args.minutes or None
     args.batch = args.batch or defaults[1]
     args.lr = args.lr or defaults[2]
+    if args.fresh is None:
+        args.fresh = {"silhouettes": 0.25, "usct": 0.0}.get(args.dataset, 1.0)
+    if args.dataset == "usct":
+        args.pool = min(args.pool, args.pairs)
 
     if args.model == "localizer":
         out = train_localizer(args)
+    elif args.model == "segmenter":
+        if args.dataset == "mnist":
+            p.error("segmenter: MNIST is segmented by a threshold; use --dataset silhouettes")
+        out = train_segmenter(args)
     else:
         out = train_matcher(args, full=args.model == "matcher-full")
     metrics = out["metrics"]

@@ -161,3 +161,51 @@ def summary_figure(rows: list[dict], path: str | None = None):
     if path:
         fig.savefig(path, dpi=110)
     return fig
+
+
+PART_COLOURS = ((230, 230, 230), (255, 140, 0))   # core, thin parts
+
+
+def part_image(parts: np.ndarray, side: int = 160) -> np.ndarray:
+    """(2, S, S) part masks (core, thin) → (side, side, 3) uint8, one colour per part."""
+    p = np.asarray(parts) > 0.5
+    img = np.zeros(p.shape[1:] + (3,), np.uint8)
+    for k, c in enumerate(PART_COLOURS):
+        img[p[k]] = c
+    return cv2.resize(img, (side, side), interpolation=cv2.INTER_NEAREST)
+
+
+def parts_figure(moving, fixed, fixed_grey, warped: dict, path: str | None = None):
+    """Rows of pairs: moving parts, fixed parts (with the silhouette's grey detail), and each
+    named warp's parts drawn over the fixed outline. Tensors (N, 2, S, S) / (N, 1, S, S)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(warped)
+    cols = ["moving (parts)", "fixed (parts)", "fixed grey"] + [f"warped: {k}" for k in names]
+    n = len(moving)
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 2.3 * n), squeeze=False)
+    for i in range(n):
+        f_out = np.asarray(fixed[i]).sum(0) > 0.5
+        edge = f_out ^ (cv2.erode(f_out.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
+        edge = cv2.resize(edge.astype(np.uint8), (160, 160), interpolation=cv2.INTER_NEAREST) > 0
+        panels = [part_image(moving[i]), part_image(fixed[i]),
+                  cv2.resize((np.asarray(fixed_grey[i][0]) * 255).astype(np.uint8), (160, 160),
+                             interpolation=cv2.INTER_NEAREST)]
+        for k in names:
+            img = part_image(warped[k][i])
+            img[edge] = (0, 160, 255)
+            panels.append(img)
+        for j, img in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(cols[j], fontsize=8)
+    fig.suptitle("white: core, orange: thin parts; blue: the fixed silhouette's outline",
+                 fontsize=9)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig

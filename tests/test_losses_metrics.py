@@ -75,3 +75,16 @@ def test_hausdorff95_of_a_shift_is_the_shift():
         assert abs(metrics.hausdorff95(a, b) - k) < 1e-3
     assert metrics.hausdorff95(a, a) == 0
     assert metrics.hausdorff95(a, np.zeros_like(a)) == float("inf")
+
+
+def test_ncc_inside_mask_known_answers():
+    from registration.evaluate import _ncc_inside
+    a = torch.rand(2, 1, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[:, :, 2:6, 2:6] = True
+    assert torch.allclose(_ncc_inside(a, a, mask), torch.ones(2), atol=1e-5)
+    assert torch.allclose(_ncc_inside(a, 3 - 2 * a, mask), -torch.ones(2), atol=1e-5)
+    b = a.clone()
+    b[~mask] = torch.rand(int((~mask).sum()))        # outside the mask does not count
+    assert torch.allclose(_ncc_inside(a, b, mask), torch.ones(2), atol=1e-5)
+    assert torch.equal(_ncc_inside(a, torch.ones_like(a), mask), torch.zeros(2))   # flat → 0

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from registration import tps
@@ -96,3 +97,14 @@ def test_localizer_pooling_reorder_and_folded_batchnorm_change_nothing():
         assert torch.allclose(g, w, atol=1e-5)
         assert torch.allclose(f, w, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.for_inference().modules())
+
+
+def test_part_labelled_matcher_takes_two_channels_and_starts_at_identity():
+    from registration.config import MatcherConfig
+    from registration.matcher import Matcher
+    m = Matcher(MatcherConfig(input_size=32, mask_channels=2))
+    x = torch.rand(3, 2, 32, 32)
+    p = m.predict(x, x)
+    assert torch.allclose(m.warp(x, p), x, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 2, 32, 32\)"):
+        m(torch.rand(3, 1, 32, 32), torch.rand(3, 1, 32, 32))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import needs_pipeline
-from registration import metrics, segment
+from registration import checkpoint, metrics, segment
 from registration.config import MatcherConfig
 from registration.data import mnist, scenes
 from registration.matcher import Matcher
@@ -143,3 +143,61 @@ def test_refinement_improves_dice(pretrained):
     base = np.mean([pretrained.match(a, b, refine_steps=0).dice for a, b in zip(mov, fix)])
     refined = np.mean([pretrained.match(a, b, refine_steps=10).dice for a, b in zip(mov, fix)])
     assert refined > base + 0.02, (base, refined)
+
+
+# ---------------------------------------------------------------------------------------------
+# silhouettes: learned segmenter
+
+def test_a_learned_dataset_without_a_segmenter_is_refused():
+    with pytest.raises(ValueError, match="segmenter"):
+        Pipeline(Matcher(MatcherConfig(input_size=32)), dataset=DATASETS["silhouettes"])
+
+
+def test_learned_path_runs_with_untrained_models_and_true_box():
+    """Plumbing: an untrained segmenter, a localizer that returns the true box."""
+    from registration.config import LocalizerConfig, SegNetConfig
+    from registration.data import silhouettes as sil
+    from registration.localizer import Localizer
+    from registration.segnet import SegNet
+    torch.manual_seed(0)
+    s = sil.test_scenes(1, seed=5)[0]
+    loc = Localizer(LocalizerConfig(image_size=128, query_size=64))
+    pipe = Pipeline(Matcher(MatcherConfig(input_size=32)), loc,
+                    Matcher(MatcherConfig(input_size=64, grid_size=16)), DATASETS["silhouettes"],
+                    0, SegNet(SegNetConfig()))
+    pipe.localizer.predict = lambda f, m: (torch.tensor(s.box)[None], torch.ones(1))
+    # true masks: the snapped box is the target's box, and the identity warp of the moving
+    # crop is pasted inside the fixed crop's square
+    r = pipe.register(s.moving, s.fixed, moving_mask=s.moving_mask, fixed_mask=s.target_mask)
+    assert r.box == tuple(float(v) for v in s.box)
+    assert r.warped_mask.shape == (32, 32) and r.warped_mask_full.shape == (128, 128)
+    rf = pipe.register(s.moving, s.fixed, localize=False, moving_mask=s.moving_mask,
+                       fixed_mask=s.all_mask)
+    assert rf.fixed_mask.shape == (64, 64) and rf.fixed_mask.sum() > 0
+
+
+needs_silhouettes = pytest.mark.skipif(
+    not all((checkpoint.local_root() / "silhouettes" / m / "model.safetensors").is_file()
+            for m in ("matcher", "localizer", "matcher-full", "segmenter")),
+    reason="shipped silhouette checkpoints missing")
+
+
+@needs_silhouettes
+def test_silhouettes_localization_rescues_matching_and_segmenter_finds_animals():
+    from registration.data import silhouettes as sil
+    pipe = Pipeline.from_pretrained("silhouettes")
+    ss = sil.test_scenes(24, seed=11)
+    with_loc, without, seg = [], [], []
+    for s in ss:
+        try:
+            r = pipe.register(s.moving, s.fixed)
+            with_loc.append(metrics.dice(r.warped_mask_full, s.target_mask))
+            seg.append(metrics.dice(r.fixed_mask_full, s.target_mask))
+        except RegistrationError:
+            with_loc.append(0.0)
+            seg.append(0.0)
+        without.append(metrics.dice(pipe.register(s.moving, s.fixed, localize=False)
+                                    .warped_mask_full, s.target_mask))
+    assert np.mean(with_loc) > 0.7 and np.mean(without) < 0.4, (np.mean(with_loc),
+                                                                np.mean(without))
+    assert np.mean(seg) > 0.8, np.mean(seg)

@@ -167,3 +167,48 @@ def test_crops(scenes):
     # exact crop: the object spans about 1/1.4 of the crop's longest side
     b = mask_box(m)
     assert abs(max(b[2] - b[0], b[3] - b[1]) - 64 / 1.4) <= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# matcher pairs, part labels
+
+def test_split_parts_known_answer():
+    m = torch.zeros(1, 1, 32, 32)
+    m[0, 0, 8:20, 8:20] = 1          # a 12×12 body
+    m[0, 0, 20:28, 10] = 1           # a 1-px leg below it
+    parts = sil.split_parts(m)
+    assert parts.shape == (1, 2, 32, 32)
+    assert torch.equal(parts[0, 0], m[0, 0] * (torch.arange(32)[:, None] < 20).float())
+    assert torch.equal(parts[0, 1, 20:28, 10], torch.ones(8))
+    assert torch.equal(parts.sum(1), m[:, 0])          # a partition of the mask
+
+
+def test_mask_pairs_crop_like_the_pipeline_and_mirror_consistently():
+    from registration.pipeline import crop_mask, square_around
+    pairs = sil.MaskPairs("test", seed=0)
+    rows_ = np.array([3, 250])
+    plain = pairs.crops(rows_, np.array([False, False]), jitter=False)
+    mirrored = pairs.crops(rows_, np.array([True, True]), jitter=False)
+    assert torch.equal(plain.flip(-1), mirrored)
+    m = sil.masks(sil.rows("test")[0][rows_])
+    for k in range(2):
+        want = crop_mask(m[k], square_around(mask_box(m[k]), sil.CROP_MARGIN), 32)
+        assert np.array_equal(plain[k, 0].numpy() > 0.5, want)
+
+
+def test_mask_pairs_are_same_class_and_seeded():
+    a = sil.MaskPairs("val", seed=4).batch(16)
+    b = sil.MaskPairs("val", seed=4).batch(16)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    p = sil.MaskPairs("val", seed=4)
+    i, j, _, _ = p.indices(64)
+    assert np.array_equal(p.labels[i], p.labels[j]) and not np.any(i == j)
+    mov, fix = sil.MaskPairs("val", seed=4, parts=True).batch(4)
+    assert mov.shape == fix.shape == (4, 2, 32, 32)
+
+
+def test_all_mask_holds_the_target_and_the_distractors(scenes):
+    for s in scenes:
+        assert s.all_mask[s.target_mask].all()
+        if s.n_distractors:
+            assert s.all_mask.sum() > s.target_mask.sum()

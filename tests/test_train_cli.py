@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from registration import checkpoint, train
@@ -31,3 +32,49 @@ def test_presets_build_the_shipped_and_the_papers_matcher(tmp_path):
         m = checkpoint.load_folder(out)
         assert (m.cfg.grid_size, m.cfg.passes) == (grid, passes)
         assert m.head.out_features == n_params
+
+
+@pytest.mark.parametrize("model,extra", [("segmenter", ["--pool", "8"]),
+                                         ("localizer", ["--pool", "8"]),
+                                         ("matcher", ["--parts"]),
+                                         ("matcher-full", [])])
+def test_silhouette_models_train_and_load(tmp_path, model, extra):
+    out = tmp_path / model
+    train.main([model, "--dataset", "silhouettes", "--steps", "2", "--batch", "6",
+                "--val-pairs", "4", "--val-every", "1", "--threads", "1", "--out", str(out),
+                *extra])
+    m = checkpoint.load_folder(out)
+    cfg = json.loads((out / "config.json").read_text())
+    if model == "localizer":
+        assert (cfg["image_size"], cfg["query_size"]) == (128, 64)
+    if model == "matcher":
+        assert (cfg["input_size"], cfg["mask_channels"]) == (32, 2)
+        assert m.features[0].in_channels == 4
+    if model == "segmenter":
+        assert cfg["kind"] == "segnet"
+
+
+def test_segmenter_refuses_mnist():
+    with pytest.raises(SystemExit):
+        train.main(["segmenter", "--dataset", "mnist", "--steps", "1"])
+
+
+def test_scene_pool_mirrors_boxes_with_their_images():
+    class Fixed:
+        """One scene: a bright 2×3 block at x 1..3, y 4..5 in a 16×16 frame."""
+        def batch(self, n):
+            from registration.data.scenes import Scene
+            out = []
+            for _ in range(n):
+                f = np.zeros((16, 16), np.uint8)
+                f[4:6, 1:4] = 255
+                out.append(Scene(moving=np.zeros((4, 4), np.uint8), fixed=f,
+                                 target_mask=f > 0, box=np.array([1, 4, 4, 6], np.float32),
+                                 label=0, n_distractors=0))
+            return out
+    pool = train.ScenePool(Fixed(), size=8, fresh=0.5, seed=0)
+    f, _, b = pool.batch(8)
+    for img, box in zip(f[:, 0], b):
+        ys, xs = np.nonzero(img.numpy())
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.tolist()
+    assert {tuple(x.tolist()) for x in b} == {(1, 4, 4, 6), (12, 4, 15, 6)}

@@ -303,6 +303,7 @@ class Scene:
     moving_mask: np.ndarray   # (MOVING_SIZE, MOVING_SIZE) bool
     moving_box: np.ndarray    # (4,) float32 xyxy, tight box of moving_mask
     distractor_labels: tuple[int, ...] = ()   # classes of the placed distractors, in order
+    all_mask: np.ndarray | None = None        # (SIZE, SIZE) bool: every animal, target included
 
 
 @dataclass
@@ -461,6 +462,7 @@ class SceneGenerator:
              if n_distractors is None else n_distractors)
         others = [c for c in classes if c != label]
         placed: list[int] = []
+        all_mask = t_alpha > 0.5
         for _ in range(k):
             d_label = int(rng.choice(others))
             img = self.images[rng.choice(self.by_class[d_label])]
@@ -470,6 +472,7 @@ class SceneGenerator:
                 d_alpha, d_detail, dbox = _place(img, rng.uniform(*TARGET_FRAC) * size, rng, size)
                 if _overlap(dbox, tbox) <= self.max_overlap * t_area:
                     _draw(fixed, d_alpha, d_detail, paint, rng, test)
+                    all_mask |= d_alpha > 0.5
                     placed.append(d_label)
                     break
         _draw(fixed, t_alpha, t_detail, paint, rng, test)
@@ -477,7 +480,8 @@ class SceneGenerator:
         return Scene(moving=_finish(moving, rng), fixed=_finish(fixed, rng),
                      target_mask=target_mask, box=mask_box(target_mask), label=label,
                      n_distractors=len(placed), moving_mask=moving_mask,
-                     moving_box=mask_box(moving_mask), distractor_labels=tuple(placed))
+                     moving_box=mask_box(moving_mask), distractor_labels=tuple(placed),
+                     all_mask=all_mask)
 
     def batch(self, n: int) -> list[Scene]:
         return [self.sample() for _ in range(n)]
@@ -486,3 +490,126 @@ class SceneGenerator:
 def test_scenes(n: int = 1000, seed: int = 0) -> list[Scene]:
     """The held-out benchmark: n seeded scenes from the test rows (and test texture rows)."""
     return SceneGenerator("test", seed=seed).batch(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# object-centric mask pairs for the matcher
+
+CROP_MARGIN = 1.3           # matcher crops: square side = margin × the box's longest side
+PART_KERNEL = 5             # px at the matcher's 32-px input: limbs thinner than this are "thin"
+
+
+def _shape_codes(masks_: np.ndarray, side: int = 32) -> np.ndarray:
+    """Each mask cut to its tight box and stretched to side × side, flattened: (N, side²) bool."""
+    out = np.zeros((len(masks_), side * side), bool)
+    for i, m in enumerate(masks_):
+        if m.any():
+            x0, y0, x1, y1 = mask_box(m).astype(int)
+            out[i] = (cv2.resize(m[y0:y1, x0:x1].astype(np.float32), (side, side)) > 0.5).ravel()
+    return out
+
+
+def split_parts(masks_, kernel: int = PART_KERNEL):
+    """Two part labels per object (the paper's Fig. 5 part masks): the *core* (what survives a
+    morphological opening with a kernel × kernel square: torso, head) and the *thin* parts
+    (the rest: legs, tails, necks, ears, trunks). Limbs are where same-class animals differ
+    most, and a plain mask does not say which lobe of the outline is a leg.
+
+    masks_: torch (B, 1, H, W) in {0, 1} → (B, 2, H, W) float: channel 0 core, 1 thin.
+    """
+    import torch
+    import torch.nn.functional as F
+    if masks_.ndim != 4 or masks_.shape[1] != 1:
+        raise ValueError(f"masks: expected (B, 1, H, W), got {tuple(masks_.shape)}")
+    pad = kernel // 2
+    eroded = 1 - F.max_pool2d(1 - masks_, kernel, 1, pad)
+    core = F.max_pool2d(eroded, kernel, 1, pad) * masks_
+    return torch.cat([core, masks_ - core], 1)
+
+
+class MaskPairs:
+    """Same-class silhouette mask pairs cropped like the pipeline crops them, for the matcher.
+
+    Each pair: a target instance (mirrored with probability ½) and another instance of its
+    class, mirrored when that faces it the same way (as :class:`SceneGenerator` does); each
+    mask cut to ``square_around(box, margin)`` (jittered by up to ``shift`` of the side and
+    ``scale`` in size: the pipeline's boxes come from segmented, not true, masks) and
+    resampled to size × size (bilinear, > 0.5), as ``pipeline.crop_mask`` does.
+
+    ``batch(n)`` → moving, fixed: torch (n, C, size, size) float in {0, 1}, C = 2 with
+    ``parts`` (:func:`split_parts`), else 1; with ``grey=True`` also the two silhouettes'
+    grey images cropped the same way (n, 1, size, size) in [0, 1].
+    """
+
+    def __init__(self, part: str, seed: int, size: int = 32, margin: float = CROP_MARGIN,
+                 parts: bool = False, shift: float = 0.03, scale: float = 0.06):
+        import torch
+        images, self.labels = rows(part)
+        self.grey = torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1)
+        m = masks(images)
+        self.masks = torch.from_numpy(m.astype(np.float32)).unsqueeze(1)
+        self.boxes = np.stack([mask_box(x) for x in m]).astype(np.float64)
+        self.codes = _shape_codes(m)
+        self.codes_flip = _shape_codes(m[:, :, ::-1])
+        self.by_class = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        self.rng = np.random.default_rng(seed)
+        self.size, self.margin, self.parts = size, margin, parts
+        self.shift, self.scale = shift, scale
+
+    def _thetas(self, boxes: np.ndarray, flips: np.ndarray, jitter: bool) -> np.ndarray:
+        """Affine sampling matrices (n, 2, 3) for grid_sample (align_corners=False) that crop
+        each (mirrored) 28×28 source to its jittered square."""
+        n, w = len(boxes), 28.0
+        x0 = np.where(flips, w - boxes[:, 2], boxes[:, 0])
+        x1 = np.where(flips, w - boxes[:, 0], boxes[:, 2])
+        y0, y1 = boxes[:, 1], boxes[:, 3]
+        side = self.margin * np.maximum(x1 - x0, y1 - y0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if jitter:
+            r = self.rng
+            cx = cx + r.uniform(-self.shift, self.shift, n) * side
+            cy = cy + r.uniform(-self.shift, self.shift, n) * side
+            side = side * r.uniform(1 - self.scale, 1 + self.scale, n)
+        th = np.zeros((n, 2, 3))
+        th[:, 0, 0] = th[:, 1, 1] = side / w
+        # a mirrored source is sampled at −x, so its crop square is mirrored back here
+        th[:, 0, 0] *= np.where(flips, -1, 1)
+        th[:, 0, 2] = np.where(flips, -(2 * cx / w - 1), 2 * cx / w - 1)
+        th[:, 1, 2] = 2 * cy / w - 1
+        return th
+
+    def indices(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """n pairs: moving rows, fixed rows, moving mirrored, fixed mirrored (bool)."""
+        r = self.rng
+        cls = r.integers(0, len(self.by_class), n)
+        ij = np.stack([r.choice(self.by_class[c], 2, replace=False) for c in cls])
+        i, j = ij[:, 0], ij[:, 1]
+        flip_f = r.random(n) < 0.5
+        tgt = np.where(flip_f[:, None], self.codes_flip[j], self.codes[j])
+
+        def iou(a, b):
+            return (a & b).sum(1) / np.maximum(1, (a | b).sum(1))
+        same = np.where(flip_f[:, None], self.codes[i], self.codes_flip[i])   # mirrored like tgt
+        keep = np.where(flip_f[:, None], self.codes_flip[i], self.codes[i])
+        flip_m = np.where(iou(same, tgt) > iou(keep, tgt), ~flip_f, flip_f)
+        return i, j, flip_m, flip_f
+
+    def crops(self, rows_: np.ndarray, flips: np.ndarray, jitter: bool = True, grey: bool = False):
+        import torch
+        import torch.nn.functional as F
+        th = torch.from_numpy(self._thetas(self.boxes[rows_], flips, jitter)).float()
+        grid = F.affine_grid(th, (len(rows_), 1, self.size, self.size), align_corners=False)
+        src = self.grey if grey else self.masks
+        out = F.grid_sample(src[torch.from_numpy(rows_)], grid, mode="bilinear",
+                            padding_mode="zeros", align_corners=False)
+        return out if grey else (out > 0.5).float()
+
+    def batch(self, n: int, grey: bool = False, jitter: bool = True):
+        i, j, fm, ff = self.indices(n)
+        mov, fix = self.crops(i, fm, jitter), self.crops(j, ff, jitter)
+        if self.parts:
+            mov, fix = split_parts(mov), split_parts(fix)
+        if grey:
+            return mov, fix, self.crops(i, fm, jitter=False, grey=True), \
+                self.crops(j, ff, jitter=False, grey=True)
+        return mov, fix

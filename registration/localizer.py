@@ -144,6 +144,24 @@ class Localizer(nn.Module):
         s = float(self.cfg.image_size)
         return boxes.clamp(0, s), torch.sigmoid(logits[idx, best].float())
 
+    @torch.no_grad()
+    def candidates(self, fixed: torch.Tensor, moving: torch.Tensor, k: int = 5,
+                   iou_threshold: float = 0.3, pre_nms: int = 100):
+        """Up to k boxes per image after non-maximum suppression, best first: a list of
+        (boxes (k_i, 4) xyxy pixels clipped to the image, scores (k_i,)) per image."""
+        from torchvision.ops import nms
+        logits, offsets = self(fixed, moving)
+        s = float(self.cfg.image_size)
+        out = []
+        for b in range(len(logits)):
+            top = logits[b].float().topk(min(pre_nms, logits.shape[1])).indices
+            boxes = anc.decode(offsets[b, top].float(), self.anchors[top],
+                               self.cfg.box_weights).clamp(0, s)
+            scores = torch.sigmoid(logits[b, top].float())
+            keep = nms(boxes, scores, iou_threshold)[:k]
+            out.append((boxes[keep], scores[keep]))
+        return out
+
     def loss(self, fixed: torch.Tensor, moving: torch.Tensor, gt_boxes: torch.Tensor,
              valid: torch.Tensor | None = None):
         """SSD loss for one target box per image: gt_boxes (B, 4) xyxy; valid (B,) bool marks

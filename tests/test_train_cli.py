@@ -78,3 +78,17 @@ def test_scene_pool_mirrors_boxes_with_their_images():
         ys, xs = np.nonzero(img.numpy())
         assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.tolist()
     assert {tuple(x.tolist()) for x in b} == {(1, 4, 4, 6), (12, 4, 15, 6)}
+
+
+def test_usct_models_train_from_one_cached_pair_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRATION_CACHE", str(tmp_path / "cache"))
+    for model in ("localizer", "segmenter", "matcher", "matcher-full"):
+        out = tmp_path / model
+        train.main([model, "--dataset", "usct", "--steps", "1", "--batch", "6", "--pairs", "6",
+                    "--val-pairs", "3", "--val-every", "1", "--threads", "1", "--out", str(out)])
+        checkpoint.load_folder(out)
+    # made once (train 6, val 3), then read back
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "usct_train_0_6.npz", "usct_val_1_3.npz"]
+    cfg = json.loads((tmp_path / "localizer" / "config.json").read_text())
+    assert cfg["head_layers"] == [2, 3, 4, 5]

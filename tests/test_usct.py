@@ -90,3 +90,34 @@ def test_parts_draw_from_disjoint_streams():
     assert not np.array_equal(a.fixed, b.fixed)
     with pytest.raises(ValueError, match="part"):
         usct.PairGenerator("holdout")
+
+
+def test_read_mrc_known_answer_and_refusals(tmp_path):
+    import struct
+    data = np.arange(2 * 3 * 4, dtype="<i2").reshape(2, 3, 4)
+    header = struct.pack("<4i", 4, 3, 2, 1) + bytes(1024 - 16)
+    (tmp_path / "a.mrc").write_bytes(header + data.tobytes())
+    assert np.array_equal(usct.read_mrc(tmp_path / "a.mrc"), data)
+    (tmp_path / "short.mrc").write_bytes(header + data.tobytes()[:10])
+    with pytest.raises(ValueError, match="data bytes"):
+        usct.read_mrc(tmp_path / "short.mrc")
+    (tmp_path / "mode.mrc").write_bytes(struct.pack("<4i", 4, 3, 2, 99) + bytes(1008))
+    with pytest.raises(ValueError, match="mode"):
+        usct.read_mrc(tmp_path / "mode.mrc")
+
+
+def _have_lits() -> bool:
+    import importlib.util
+    return importlib.util.find_spec(usct.LITS_PACKAGE) is not None
+
+
+@pytest.mark.skipif(not _have_lits(), reason="liver-ct-segmentation-package not installed")
+def test_real_ct_volume_loads_and_gives_pairs():
+    hu, lab = usct.lits_volume()
+    assert hu.shape == lab.shape == (128, 128, 128)
+    assert set(np.unique(lab).tolist()) == {0, 1, 2}
+    assert 0 < float(np.median(hu[lab == 1])) < 200      # liver is soft tissue (HU)
+    pairs = usct.real_pairs(2, seed=0)
+    assert len(pairs) == 2
+    for p in pairs:
+        assert p.moving_mask.sum() > 0 and p.target_mask.sum() >= 30

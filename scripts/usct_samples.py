@@ -46,7 +46,7 @@ def rows(n: int, seed: int, real: bool):
         if real:
             hu, lab = usct.lits_volume()
             k = int(rng.integers(hu.shape[2]))
-            ph = usct.real_phantom(hu[:, :, k], lab[:, :, k], rng)
+            ph = usct.real_phantom(hu[:, :, k].T, lab[:, :, k].T, rng)
             if ph is None:
                 continue
         else:

@@ -119,3 +119,22 @@ def test_inverted_example_works(client):
     assert inv, "assets should hold dark-on-light examples"
     n = numbers_of(call(client, inv[0]["moving"], inv[0]["fixed"]))
     assert n["dice"] >= MIN_DICE
+
+
+@pytest.mark.parametrize("name", ["silhouettes", "usct"])
+def test_other_data_sets_register_their_examples(client, name):
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "checkpoints" / name / "segmenter" / "model.safetensors").is_file():
+        pytest.skip(f"{name} checkpoints not shipped")
+    assets = root / "assets" / name
+    items = json.loads((assets / "examples.json").read_text())["examples"]
+    assert len(items) >= 8
+    it = items[0]
+    out = client.predict(name, handle_file(str(assets / it["moving"])),
+                         handle_file(str(assets / it["fixed"])), None, None,
+                         api_name="/register")
+    n = numbers_of(out)
+    assert 0.0 <= n["dice"] <= 1.0 and len(n["box"]) == 4
+    assert n["dice_without_localization"] is not None

@@ -366,7 +366,8 @@ def place_probe(rng: np.random.Generator, p: Phantom, target: np.ndarray) -> Pro
         inb = (pts[:, 0] >= 0) & (pts[:, 0] < SIZE) & (pts[:, 1] >= 0) & (pts[:, 1] < SIZE)
         pts = pts[inb]
         on = p.body[pts[:, 1].astype(int), pts[:, 0].astype(int)]
-        bone = p.labels[pts[:, 1].astype(int), pts[:, 0].astype(int)] == BONE
+        lab_on_ray = p.labels[pts[:, 1].astype(int), pts[:, 0].astype(int)]
+        bone = (lab_on_ray == BONE) | (lab_on_ray == GAS)
         out = np.flatnonzero(~on)
         if len(out) == 0:
             if len(pts) == 0 or p.body.all():
@@ -374,7 +375,7 @@ def place_probe(rng: np.random.Generator, p: Phantom, target: np.ndarray) -> Pro
             # the body runs off the image (a cropped real scan): the image edge is the skin
             out = np.array([len(pts) - 1])
         skin = pts[out[0]]
-        if bone[:out[0]].any() and rng.random() < 0.8:            # prefer a window past ribs
+        if bone[:out[0]].any() and rng.random() < 0.8:    # prefer a window past ribs and gas
             continue
         axis = (t - skin) / np.linalg.norm(t - skin)
         apex_back = rng.uniform(15, 25)
@@ -630,8 +631,9 @@ def read_mrc(path) -> np.ndarray:
 def lits_volume() -> tuple[np.ndarray, np.ndarray]:
     """The real CT (HU, float32) and its labels (0 background, 1 liver, 2 tumour), both
     (128, 128, 128), from the installed package (never copied into this repository: its data
-    licence is non-commercial). Axial slices are ``[:, :, k]`` (anterior up, the patient's
-    right on the left). Raises FileNotFoundError when the package is not installed."""
+    licence is non-commercial). Axial slice k is ``[:, :, k].T`` (then anterior is up and the
+    patient's right on the left, as in the phantoms). Raises FileNotFoundError when the
+    package is not installed."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.find_spec(LITS_PACKAGE)
@@ -647,7 +649,7 @@ def real_phantom(hu: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
                  target_px: int = 30) -> Phantom | None:
     """A :class:`Phantom` from one real axial slice (resized to SIZE): liver and tumours from
     its labels, the other tissues from HU (gas < −400 inside the body, fat −400…−30, bone
-    > 250, else soft tissue), echogenicity from the same tables, each tumour hypo- or
+    > 400, else soft tissue), echogenicity from the same tables, each tumour hypo- or
     hyperechoic as its density says. The target is a random tumour of ≥ target_px pixels;
     None if the slice has none."""
     hu = cv2.resize(hu, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
@@ -666,7 +668,7 @@ def real_phantom(hu: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
     labels[~body] = AIR
     labels[body & (hu < -400)] = GAS
     labels[body & (hu >= -400) & (hu < -30)] = FAT
-    labels[body & (hu > 250)] = BONE
+    labels[body & (hu > 400)] = BONE     # enhanced vessels reach 250–400 HU: not bone
     labels[lab == 1] = LIVER
     labels[lab == 2] = TUMOUR
     tumours = np.zeros((SIZE, SIZE), np.uint8)
@@ -694,7 +696,7 @@ def real_pairs(n: int = 60, seed: int = 0) -> list[Pair]:
     for k in rng.permutation(hu.shape[2]):
         if len(out) >= n:
             break
-        p = real_phantom(hu[:, :, k], lab[:, :, k], rng)
+        p = real_phantom(hu[:, :, k].T, lab[:, :, k].T, rng)
         if p is None:
             continue
         try:

@@ -75,8 +75,8 @@ class DatasetConfig:
     # crop_margin); "whole" = the whole moving image (US–CT: the fan's anatomy around the
     # tumour tells which of several tumours it is)
     query: str = "object"
-    # re-rank the SSD's top ``rerank`` boxes (after NMS) by how well the moving mask matches
-    # what is segmented in each (Dice after one matcher pass); 0 or 1 = the top box alone
+    # re-rank the SSD's top ``rerank`` boxes (after NMS) by how much the object segmented in
+    # each looks like the moving object (Dice of the object-centric masks); 0 or 1 = top box
     rerank: int = 0
     min_object_px: int = 4
     snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this

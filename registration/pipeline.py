@@ -33,6 +33,7 @@ DATASETS: dict[str, DatasetConfig] = {
 }
 
 DEFAULT_REFINE_STEPS = 10     # test-time refinement steps: end-to-end Dice 0.78 → 0.85 (README)
+RERANK_SCORE_WEIGHT = 0.1    # re-ranking: Dice + this × the SSD score
 MAX_REFINE_SIDE = 64          # px; refinement resolution cap (cost grows with its square)
 MIN_SIDE = 8                  # px; smaller images cannot hold an object to match
 MAX_PIXELS = 40_000_000       # refuse absurd arrays outright
@@ -409,8 +410,9 @@ class Pipeline:
                                    refine_steps=refine_steps, rerank=rerank)[0]
 
     def _rerank(self, prep: list[dict], cands, lb) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick, per pair, the SSD candidate whose segmented object the moving mask matches
-        best: Dice after one matcher pass at S×S, plus 0.1 × the SSD score to break ties.
+        """Pick, per pair, the SSD candidate whose segmented object looks most like the moving
+        object: Dice of the two object-centric S×S masks, plus RERANK_SCORE_WEIGHT × the SSD
+        score to break ties.
         Returns boxes (B, 4) in the SSD's frame and their SSD scores (B,)."""
         margin, s = self.dataset.crop_margin, self.size
         mov, fix, owner, flat = [], [], [], []
@@ -433,14 +435,15 @@ class Pipeline:
                 flat.append((bx[j], sc[j]))
         best = [(cands[i][0][0], cands[i][1][0], -1.0) for i in range(len(prep))]
         if mov:
-            m = torch.from_numpy(np.stack(mov).astype(np.float32))[:, None]
-            f = torch.from_numpy(np.stack(fix).astype(np.float32))[:, None]
-            w = self.matcher.warp(m, self.matcher.predict(m, f, passes=1)) > 0.5
-            fb_ = f > 0.5
-            inter = (w & fb_).sum((1, 2, 3)).float()
-            dice = 2 * inter / (w.sum((1, 2, 3)) + fb_.sum((1, 2, 3))).float().clamp_min(1)
+            # overlap of the two object-centric masks as they are: warping first (one matcher
+            # pass) made every animal fit every other and chose worse (box Dice 0.52 vs 0.59
+            # on 60 validation scenes with true masks)
+            w = torch.from_numpy(np.stack(mov))
+            fb_ = torch.from_numpy(np.stack(fix))
+            inter = (w & fb_).sum((1, 2)).float()
+            dice = 2 * inter / (w.sum((1, 2)) + fb_.sum((1, 2))).float().clamp_min(1)
             for d, i, (box, sc) in zip(dice.tolist(), owner, flat):
-                v = d + 0.1 * float(sc)
+                v = d + RERANK_SCORE_WEIGHT * float(sc)
                 if v > best[i][2]:
                     best[i] = (box, sc, v)
         return (torch.stack([b[0] for b in best]), torch.stack([b[1] for b in best]))

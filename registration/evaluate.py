@@ -425,10 +425,40 @@ def evaluate_segmenter(dataset: str, n: int, seed: int, out: Path) -> dict:
     return payload
 
 
+@torch.no_grad()
+def evaluate_localizer(dataset: str, n: int, seed: int, out: Path, k: int = 5) -> dict:
+    """The SSD alone on n held-out scenes: the share whose true box has IoU ≥ 0.5 with the
+    top box, and with any of the top 1..k boxes after NMS (what re-ranking can reach)."""
+    from torchvision.ops import box_iou
+
+    from .pipeline import DATASETS
+    from .train import scene_tensors
+    loc = checkpoint.load(dataset, "localizer").for_inference()
+    ds = DATASETS[dataset]
+    scenes = test_scenes(dataset, n, seed)
+    f, m, b = scene_tensors(scenes, loc.cfg.image_size, loc.cfg.query_size, ds.crop_margin,
+                            ds.query == "whole")
+    hits = np.zeros(k)
+    for i in range(0, n, 250):
+        for (boxes, _), gt in zip(loc.candidates(f[i:i + 250], m[i:i + 250], k), b[i:i + 250]):
+            ok = (box_iou(boxes, gt[None])[:, 0] >= 0.5).numpy()
+            hits += np.array([ok[:j + 1].any() for j in range(k)], float)
+    hits /= n
+    table = _table(["candidates", "true box among them (IoU ≥ 0.5)"],
+                   [[j + 1, f"{100 * h:.1f} %"] for j, h in enumerate(hits)])
+    print(f"{TITLES[dataset]}: the SSD's top boxes (after NMS) on {n} held-out scenes "
+          f"(seed {seed})\n")
+    print(table)
+    payload = {"dataset": dataset, "scenes": n, "seed": seed,
+               "hit_at_k": [float(h) for h in hits], "table": table}
+    print(f"\nwrote {_write(out, f'{dataset}_localizer', payload)}")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m registration.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["matcher", "pipeline", "parts", "segmenter"])
+    p.add_argument("what", choices=["matcher", "pipeline", "parts", "segmenter", "localizer"])
     p.add_argument("--dataset", default="mnist", choices=sorted(PAPERS))
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -449,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.what == "parts":
         evaluate_parts(args.n, args.seed, Path(args.out), figure=args.figure)
+    elif args.what == "localizer":
+        evaluate_localizer(args.dataset, args.n, args.seed, Path(args.out))
     elif args.what == "segmenter":
         evaluate_segmenter(args.dataset, args.n, args.seed, Path(args.out))
     elif args.what == "matcher":

@@ -33,7 +33,8 @@ def test_schema_lists_the_register_tool(app_server):  # noqa: F811
     assert "Dice" in tool["description"] and "localization" in tool["description"]
     props = tool["inputSchema"]["properties"]
     assert set(props) == {"dataset", "moving", "fixed", "moving_mask", "fixed_mask"}
-    assert props["dataset"]["enum"] == ["mnist"] and props["dataset"]["default"] == "mnist"
+    assert props["dataset"]["enum"] == ["mnist", "silhouettes", "usct"]
+    assert props["dataset"]["default"] == "mnist"
     for name in props:
         assert props[name].get("description"), f"{name} is not documented"
     assert props["moving"]["type"] == "string"                  # a URL or a data: URL

@@ -131,7 +131,9 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
                      f"{v['ms_per_pair']:.2f}", f"{pps:,.0f}" if pps else "—"])
     table = _table(["method", "Dice", "IoU", "folding pixels", "ms/pair (1 pair)",
                     "pairs/s (batch 256)"], rows)
-    print(f"{TITLES[dataset]} matcher, {n} held-out same-class pairs (test rows, seed {seed}), "
+    what = ("ultrasound → CT tumour-mask pairs (test stream" if dataset == "usct"
+            else "same-class pairs (test rows")
+    print(f"{TITLES[dataset]} matcher, {n} held-out {what}, seed {seed}), "
           f"{size}×{size} masks, {torch.get_num_threads()} threads\n")
     print(table)
     payload = {"dataset": dataset, "pairs": n, "seed": seed, "threads": torch.get_num_threads(),

@@ -45,10 +45,9 @@ def eval_pairs(dataset: str, n: int, seed: int, size: int) -> tuple[np.ndarray, 
         from .data import usct
         from .pipeline import DATASETS
         from .train import PairCrops
-        crops = PairCrops(None, size, DATASETS["usct"].crop_margin, seed, jitter=False)
-        crops.source = type("Fixed", (), {"batch": staticmethod(
-            lambda k: usct.test_pairs(k, seed))})
-        m, f = crops.batch(n)
+        from types import SimpleNamespace
+        test = SimpleNamespace(batch=lambda k: usct.test_pairs(k, seed))
+        m, f = PairCrops(test, size, DATASETS["usct"].crop_margin, seed, jitter=False).batch(n)
         return m[:, 0].numpy() > 0.5, f[:, 0].numpy() > 0.5
     from .data import mnist
     return mnist.eval_pairs(n, seed)

@@ -153,28 +153,6 @@ def fit(model, batch_loss, validate, args, desc: str, weight_decay: float) -> di
             **validate(), "log": log}
 
 
-class SilhouetteFullFrames:
-    """The no-localization setting on silhouette scenes: the moving animal's mask centred on a
-    frame at half its size, and the mask of every animal in the fixed scene (true masks),
-    both resized to size × size."""
-
-    def __init__(self, part: str, seed: int, size: int):
-        self.gen = scene_generator("silhouettes", part, seed)
-        self.size = size
-        from .pipeline import full_frame_layout
-        self._layout = full_frame_layout
-
-    def batch(self, n: int):
-        mov, fix = [], []
-        for _ in range(n):
-            s = self.gen.sample()
-            m, f = self._layout(s.moving_mask, s.all_mask, self.size)
-            mov.append(m)
-            fix.append(f)
-        t = lambda a: torch.from_numpy(np.stack(a)).float().unsqueeze(1)
-        return t(mov), t(fix)
-
-
 class PairCrops:
     """Object-centric mask crops of scenes' (moving, target) masks, as the pipeline cuts them:
     ``square_around(box, margin)`` jittered (``segnet.jitter_square``), size × size; a pair
@@ -203,8 +181,9 @@ class PairCrops:
 
 
 class FullFrameCrops:
-    """The no-localization setting on cached scenes: the moving object's mask centred at half
-    the frame, every target-like object of the fixed image (``all_mask``), size × size."""
+    """The no-localization setting on scenes with true masks: the moving object's mask centred
+    at half the frame, every target-like object of the fixed image (``all_mask``: all animals,
+    all tumours), size × size."""
 
     def __init__(self, source, size: int):
         from .pipeline import full_frame_layout
@@ -228,7 +207,7 @@ def matcher_data(dataset: str, full: bool, part: str, seed: int, cfg: MatcherCon
     if dataset == "silhouettes":
         from .data.silhouettes import MaskPairs
         if full:
-            return SilhouetteFullFrames(part, seed, cfg.input_size)
+            return FullFrameCrops(scene_generator(dataset, part, seed), cfg.input_size)
         return MaskPairs(part, seed, size=cfg.input_size, parts=cfg.mask_channels == 2)
     return FullFramePairs(part, seed) if full else MnistPairs(part, seed)
 

@@ -34,10 +34,12 @@ modelled; tissue values come from tables, not from patient data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .scenes import mask_box
 
 SIZE = 256                 # CT slice side, px
 PIXEL_MM = 1.5             # CT pixel size, mm
@@ -64,12 +66,11 @@ class Phantom:
     tumours: np.ndarray       # (S, S) uint8, 0 = none, k = tumour k (1-based)
     target: int               # which tumour (1-based) is the target
     body: np.ndarray          # (S, S) bool
+    liver_vessels: np.ndarray  # (S, S) bool, vessels drawn inside the liver (liver tissue)
 
     @property
     def liver(self) -> np.ndarray:
-        return (self.labels == LIVER) | (self.tumours > 0) | self._liver_vessels
-
-    _liver_vessels: np.ndarray = field(default=None, repr=False)
+        return (self.labels == LIVER) | (self.tumours > 0) | self.liver_vessels
 
     def target_mask(self) -> np.ndarray:
         return self.tumours == self.target
@@ -277,10 +278,8 @@ def phantom(rng: np.random.Generator, size: int = SIZE, n_tumours: int | None = 
     echo = ECHO[lab] * (1 + echo_tex)
     echo[tumours > 0] *= tumour_echo[tumours > 0]
     echo = np.clip(echo, 0, None).astype(np.float32)
-    p = Phantom(hu=hu.astype(np.float32), labels=lab, echo=echo, tumours=tumours, target=1,
-                body=body)
-    p._liver_vessels = liver_vessels
-    return p
+    return Phantom(hu=hu.astype(np.float32), labels=lab, echo=echo, tumours=tumours, target=1,
+                   body=body, liver_vessels=liver_vessels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,11 +312,10 @@ def warp(image: np.ndarray, disp: np.ndarray, nearest: bool = False,
 
 
 def deform_phantom(p: Phantom, disp: np.ndarray) -> Phantom:
-    q = Phantom(hu=warp(p.hu, disp, border=-1000.0), labels=warp(p.labels, disp, True),
-                echo=warp(p.echo, disp), tumours=warp(p.tumours, disp, True), target=p.target,
-                body=warp(p.body.astype(np.uint8), disp, True) > 0)
-    q._liver_vessels = warp(p._liver_vessels.astype(np.uint8), disp, True) > 0
-    return q
+    return Phantom(hu=warp(p.hu, disp, border=-1000.0), labels=warp(p.labels, disp, True),
+                   echo=warp(p.echo, disp), tumours=warp(p.tumours, disp, True),
+                   target=p.target, body=warp(p.body.astype(np.uint8), disp, True) > 0,
+                   liver_vessels=warp(p.liver_vessels.astype(np.uint8), disp, True) > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,13 +508,6 @@ class Pair:
     label: int = 0
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return np.zeros(4, np.float32)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-
-
 def make_pair(rng: np.random.Generator, p: Phantom | None = None,
               min_tumour_px: int = 30) -> Pair:
     """One US–CT pair from a new phantom (or ``p``): probe aimed at the target tumour, the
@@ -672,8 +663,10 @@ def real_phantom(hu: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
     labels[lab == 1] = LIVER
     labels[lab == 2] = TUMOUR
     tumours = np.zeros((SIZE, SIZE), np.uint8)
-    order = [int(rng.choice(big))] + [k for k in range(1, n) if k not in big or False]
-    order = list(dict.fromkeys(order + big))
+    # the target first (tumour 1), then the small tumours, then the other large ones
+    first = int(rng.choice(big))
+    order = ([first] + [k for k in range(1, n) if k not in big]
+             + [k for k in big if k != first])
     liver_hu = float(np.median(hu[lab == 1])) if (lab == 1).any() else 60.0
     echo = ECHO[labels].copy()
     for i, k in enumerate(order, start=1):
@@ -681,10 +674,9 @@ def real_phantom(hu: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
         tumours[m] = i
         hypo = float(np.median(hu[m])) < liver_hu
         echo[m] = rng.uniform(0.08, 0.3) if hypo else rng.uniform(2.5, 4.5)
-    p = Phantom(hu=hu.astype(np.float32), labels=labels, echo=echo.astype(np.float32),
-                tumours=tumours, target=1, body=body)
-    p._liver_vessels = np.zeros((SIZE, SIZE), bool)
-    return p
+    return Phantom(hu=hu.astype(np.float32), labels=labels, echo=echo.astype(np.float32),
+                   tumours=tumours, target=1, body=body,
+                   liver_vessels=np.zeros((SIZE, SIZE), bool))
 
 
 def real_pairs(n: int = 60, seed: int = 0) -> list[Pair]:

@@ -58,6 +58,7 @@ PARAMS = {
                     "std": classical.DEMONS_STD},                      # 400, 0.5: 0.915
     "tvl1": {"attachment": 15.0, "tightness": 0.3, "num_iter": 10},    # 0.836
 }
+REFINE_STEPS = (3, 5, 10)     # test-time refinement steps shown for the learned matcher
 TUNE_GRID = {
     "sitk_affine": {"iterations": [50, 100, 200], "sigma": [0.0, 1.0, 2.0]},
     "sitk_bspline": {"mesh": [4, 8], "iterations": [50, 100], "sigma": [0.0, 1.0]},
@@ -197,6 +198,46 @@ def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64
     return res
 
 
+def speed(model, mov, fix, threads=(1, 2), steps=(0,) + REFINE_STEPS) -> list[dict]:
+    """The learned matcher's speed alone: median ms for one pair (200 pairs after 10 warm-up
+    calls) and pairs/s in batches of 64 and 256, with 1 and 2 torch threads; model load and
+    warm-up excluded, ``torch.inference_mode`` around the network, warp included."""
+    m = torch.from_numpy(mov).float().unsqueeze(1)
+    f = torch.from_numpy(fix).float().unsqueeze(1)
+
+    def go(mm, ff, k):
+        with torch.inference_mode():
+            p = model.predict(mm, ff, 1)
+        if k:
+            p = model.refine(mm, ff, p.clone(), steps=k)
+        with torch.inference_mode():
+            return model.warp(mm, p) > 0.5
+
+    out = []
+    before = torch.get_num_threads()
+    for t in threads:
+        torch.set_num_threads(t)
+        for k in steps:
+            for i in range(10):
+                go(m[i:i + 1], f[i:i + 1], k)
+            times = []
+            for i in range(min(len(m), 200)):
+                t0 = time.perf_counter()
+                go(m[i:i + 1], f[i:i + 1], k)
+                times.append(time.perf_counter() - t0)
+            row = {"threads": t, "refine_steps": k, "ms_per_pair": statistics.median(times) * 1e3}
+            for bs in (64, 256):
+                n = (len(m) // bs) * bs or len(m)
+                go(m[:bs], f[:bs], k)
+                t0 = time.perf_counter()
+                for i in range(0, n, bs):
+                    go(m[i:i + bs], f[i:i + bs], k)
+                row[f"pairs_per_s_batch{bs}"] = n / (time.perf_counter() - t0)
+            out.append(row)
+    torch.set_num_threads(before)
+    return out
+
+
 def tune(n: int = 100, only=None) -> None:
     images, labels = mnist.rows("train")
     pairs = mnist.sample_pairs(labels, n, np.random.default_rng(123))
@@ -262,23 +303,24 @@ def end_to_end(n: int, seed: int, skip_slow: bool, n_frames: int) -> dict:
     test = scenes.test_scenes(n, seed)
     pipe = Pipeline.from_pretrained("mnist")
     rows = {}
-    # this project's pipeline (warm up first)
+    # this project's pipeline, at its default refinement and without (warm up first)
     for s in test[:5]:
         pipe.register(s.moving, s.fixed)
-    d, j, times = [], [], []
-    for s in test:
-        t0 = time.perf_counter()
-        try:
-            r = pipe.register(s.moving, s.fixed)
-            w = r.warped_mask_full
-        except RegistrationError:
-            w = np.zeros_like(s.target_mask)
-        times.append(time.perf_counter() - t0)
-        d.append(metrics.dice(w, s.target_mask))
-        j.append(metrics.iou(w, s.target_mask))
-    rows["this pipeline (SSD + TPS matcher)"] = {
-        "dice": float(np.mean(d)), "iou": float(np.mean(j)),
-        "ms_per_pair": statistics.median(times) * 1e3}
+    for label, steps in ((f"this pipeline (SSD + TPS matcher, {pipe.refine_steps} refinement "
+                          f"steps, the default)", pipe.refine_steps),
+                         ("this pipeline, no refinement", 0)):
+        d, j, times = [], [], []
+        for s in test:
+            t0 = time.perf_counter()
+            try:
+                w = pipe.register(s.moving, s.fixed, refine_steps=steps).warped_mask_full
+            except RegistrationError:
+                w = np.zeros_like(s.target_mask)
+            times.append(time.perf_counter() - t0)
+            d.append(metrics.dice(w, s.target_mask))
+            j.append(metrics.iou(w, s.target_mask))
+        rows[label] = {"dice": float(np.mean(d)), "iou": float(np.mean(j)),
+                       "ms_per_pair": statistics.median(times) * 1e3}
     # classical pipeline
     d, j, times, det = [], [], [], []
     for s in test:
@@ -350,11 +392,15 @@ def main(argv=None) -> None:
         print(f"{name} …", flush=True)
         res[name] = run_classical(key, mov, fix, PARAMS[key])
     model = checkpoint.load("mnist", "matcher")
-    res["this matcher, one pass"] = run_learned(model, mov, fix, 0, 1)
-    res[f"this matcher, {model.cfg.passes} passes (default)"] = run_learned(model, mov, fix, 0,
-                                                                            None)
-    for k in (5, 10):
-        res[f"this matcher + {k} refinement steps"] = run_learned(model, mov, fix, k, None)
+    # the previous default, the paper's regressor design with an 8×8 grid: its one pass is the
+    # "single-step STN" row (the 4×4 paper preset does not train, README), its 3-pass cascade
+    prev = checkpoint.try_load("mnist", "matcher-cascade")
+    if prev is not None:
+        res["paper's design: one STN pass (8×8 TPS regressor)"] = run_learned(prev, mov, fix, 0, 1)
+        res["previous matcher: 8×8 regressor, 3 passes"] = run_learned(prev, mov, fix, 0, 3)
+    res["this matcher: flow U-Net → 12×12 TPS, one pass"] = run_learned(model, mov, fix, 0, 1)
+    for k in REFINE_STEPS:
+        res[f"this matcher + {k} refinement steps"] = run_learned(model, mov, fix, k, 1)
     rows = []
     for name, r in res.items():
         rows.append([name, r["dice"], r["iou"], r["hd95_mean_finite"],
@@ -365,6 +411,15 @@ def main(argv=None) -> None:
                     "ms / pair", "pairs/s (batch 256)"], rows)
     print(f"\n{args.pairs} held-out MNIST mask pairs, {args.threads} threads\n")
     print(table)
+    sp = speed(model, mov, fix)
+    speed_table = _table(["threads", "refinement steps", "ms / pair (1 pair)",
+                          "pairs/s (batch 64)", "pairs/s (batch 256)"],
+                         [[r["threads"], r["refine_steps"], f"{r['ms_per_pair']:.2f}",
+                           f"{r['pairs_per_s_batch64']:,.0f}",
+                           f"{r['pairs_per_s_batch256']:,.0f}"] for r in sp])
+    demons_ms = res["SimpleITK diffeomorphic demons"]["ms_per_pair"]
+    print(f"\nThe learned matcher's speed (demons: {demons_ms:.1f} ms / pair in this run)\n")
+    print(speed_table)
     e2e = end_to_end(args.scenes, args.seed, args.skip_slow, args.frames) if args.scenes else {}
     e2e_table = _table(["method", "matching Dice", "matching IoU", "ms / pair"],
                        [[k, v["dice"], v["iou"], f"{v['ms_per_pair']:.1f}"]
@@ -376,7 +431,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "peers.json").write_text(json.dumps(
         {"pairs": args.pairs, "scenes": args.scenes, "seed": args.seed, "threads": args.threads,
-         "matching": res, "end_to_end": e2e, "table": table, "e2e_table": e2e_table},
+         "matching": res, "end_to_end": e2e, "table": table, "e2e_table": e2e_table,
+         "speed": sp, "speed_table": speed_table},
         indent=2))
     _plot(res, e2e, out / "peers.png")
     print(f"\nwrote {out / 'peers.json'} and {out / 'peers.png'}")

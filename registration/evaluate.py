@@ -74,7 +74,7 @@ def _pair_scores(warped: np.ndarray, fixed: np.ndarray) -> dict:
 
 
 def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
-                     refine: tuple[int, ...] = (0, 3, 5, 10, 25), folder: str | None = None) -> dict:
+                     refine: tuple[int, ...] = (0, 2, 3, 5, 10), folder: str | None = None) -> dict:
     """Mean Dice / IoU on n held-out same-class mask pairs for the identity, the network in one
     pass and in its default cascade, and + k steps of test-time refinement; the share of pixels
     where the warp folds (det J ≤ 0); ms per pair (one pair at a time, median) and pairs/s in
@@ -312,7 +312,11 @@ def evaluate_parts(n: int, seed: int, out: Path, refine: tuple[int, ...] = (0, 1
     well the silhouettes' own grey detail (zebra stripes, giraffe patches) agrees inside the
     fixed mask after warping (NCC, over the pairs whose fixed silhouette has such detail)."""
     from .data.silhouettes import MaskPairs
-    plain = checkpoint.load("silhouettes", "matcher")
+    # the part-label matcher is the cascade design (8×8 regressor, 3 passes), so it is compared
+    # with the plain-mask matcher of the same design and budget when that checkpoint is there
+    plain = checkpoint.try_load("silhouettes", "matcher-cascade")
+    if plain is None:
+        plain = checkpoint.load("silhouettes", "matcher")
     parts = checkpoint.load("silhouettes", "matcher-parts")
     size = plain.cfg.input_size
     mov, fix, mov_g, fix_g = MaskPairs("test", seed, size=size, parts=True).batch(

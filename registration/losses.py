@@ -40,19 +40,22 @@ def jacobian_det(grid: torch.Tensor) -> torch.Tensor:
     return gx[..., 0] * gy[..., 1] - gx[..., 1] * gy[..., 0]
 
 
-def fold_penalty(grid: torch.Tensor) -> torch.Tensor:
-    """Mean of relu(-det J) per item: (B, H, W, 2) → (B,). Zero for any non-folding warp."""
-    return torch.relu(-jacobian_det(grid)).mean((1, 2))
+def fold_penalty(grid: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of relu(margin − det J) per item: (B, H, W, 2) → (B,). With margin 0 it is zero
+    for any non-folding warp; a small margin also pushes det J away from the fold."""
+    return torch.relu(margin - jacobian_det(grid)).mean((1, 2))
 
 
 def matcher_loss(warped: torch.Tensor, fixed: torch.Tensor, offsets: torch.Tensor,
                  grid: torch.Tensor, smooth_weight: float = 1.0,
-                 fold_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """1 − soft Dice + λ·smoothness (paper eq. 3) + μ·folding, batch mean."""
+                 fold_weight: float = 0.0, fold_margin: float = 0.0
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """1 − soft Dice + λ·smoothness (paper eq. 3) + μ·folding (margin ``fold_margin``),
+    batch mean."""
     dice = soft_dice(warped, fixed)
     smooth = control_smoothness(offsets)
     loss = (1 - dice) + smooth_weight * smooth
     if fold_weight:
-        loss = loss + fold_weight * fold_penalty(grid)
+        loss = loss + fold_weight * fold_penalty(grid, fold_margin)
     loss = loss.mean()
     return loss, {"soft_dice": float(dice.detach().mean()), "smooth": float(smooth.detach().mean())}

@@ -10,16 +10,93 @@ from .config import MatcherConfig
 from .losses import control_smoothness, matcher_loss
 
 
+def _jacobian_kernel(h: int, w: int) -> torch.Tensor:
+    """(4, 2, 2, 2) convolution weights that turn a grid (B, 2, H, W) in normalised units into
+    the forward differences of ``losses.jacobian_det`` in pixels, (B, 4, H−1, W−1): channels
+    d(x)/dx, d(y)/dy, d(y)/dx, d(x)/dy, so det J = ch0·ch1 − ch2·ch3."""
+    k = torch.zeros(4, 2, 2, 2)
+    along_x = torch.tensor([[-1.0, 1.0], [0.0, 0.0]])
+    along_y = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    k[0, 0], k[1, 1] = along_x * (w / 2), along_y * (h / 2)
+    k[2, 1], k[3, 0] = along_x * (h / 2), along_y * (w / 2)
+    return k
+
+
+class FlowUNet(nn.Module):
+    """(B, C_in, S, S) → displacement (B, 2, S/2^skip, S/2^skip): a small U-Net (two 3×3 convs
+    per level, leaky ReLU 0.2, max-pool down, nearest up, skip connections) whose decoder stops
+    ``skip`` levels short of the input resolution. The last layer is zero-initialised so an
+    untrained network predicts no displacement."""
+
+    def __init__(self, c_in: int, channels: tuple[int, ...], skip: int = 0):
+        super().__init__()
+        def block(a: int, b: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(b, b, 3, padding=1), nn.LeakyReLU(0.2))
+        self.down = nn.ModuleList()
+        for c in channels:
+            self.down.append(block(c_in, c))
+            c_in = c
+        if not 0 <= skip < len(channels):
+            raise ValueError(f"skip: expected 0..{len(channels) - 1}, got {skip}")
+        self.up = nn.ModuleList(block(channels[i + 1] + channels[i], channels[i])
+                                for i in reversed(range(skip, len(channels) - 1)))
+        self.out = nn.Conv2d(channels[skip], 2, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, blk in enumerate(self.down):
+            if i:
+                x = nn.functional.max_pool2d(x, 2)
+            x = blk(x)
+            skips.append(x)
+        skips = skips[len(skips) - 1 - len(self.up):-1]
+        for blk in self.up:
+            skip = skips.pop()
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest")
+            x = blk(torch.cat([x, skip], 1))
+        return self.out(x)
+
+
 class Matcher(nn.Module):
     """(moving, fixed) masks (B, C, S, S), C = cfg.mask_channels, → TPS parameters (B, 6 + 2K).
 
-    Conv 32,32,pool,64,64,pool,128,128,pool (leaky ReLU 1e-4), adaptive average pooling, then a
-    small FC head whose last layer starts at zero, so an untrained matcher is the identity.
+    ``cfg.arch == "regress"`` (the paper's design): conv 32,32,pool,64,64,pool,128,128,pool
+    (leaky ReLU 1e-4), adaptive average pooling, then a small FC head whose last layer starts
+    at zero, so an untrained matcher is the identity.
+
+    ``cfg.arch == "flow"``: a small U-Net (:class:`FlowUNet`) predicts a displacement (x, y,
+    normalised units) at the centres of an (S/f)×(S/f) lattice of cells, f = cfg.flow_scale, and the fixed least-squares projector
+    of ``tps.composition_projector`` maps it to the TPS closest to it. Also the identity when
+    untrained; the output is still one TPS, so cascades, refinement and the app's control grid
+    work unchanged.
     """
 
     def __init__(self, cfg: MatcherConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or MatcherConfig()
+        self.register_buffer("ctrl", tps.control_grid(cfg.grid_size), persistent=False)
+        self.register_buffer("coef", tps.tps_coefficients(self.ctrl).float(), persistent=False)
+        self._basis: dict[tuple, torch.Tensor] = {}
+        self._compose_ops: tuple[torch.Tensor, torch.Tensor] | None = None   # points, projector
+        if cfg.arch == "flow":
+            skip = {1: 0, 2: 1, 4: 2, 8: 3}.get(int(cfg.flow_scale))
+            if skip is None or skip >= len(cfg.unet_channels):
+                raise ValueError(f"flow_scale: expected a power of 2 below "
+                                 f"2^{len(cfg.unet_channels)}, got {cfg.flow_scale}")
+            self.flow = FlowUNet(2 * cfg.mask_channels, tuple(cfg.unet_channels), skip)
+            s = cfg.input_size
+            for _ in range(skip):                  # max-pool sizes: 28 → 14 → 7, 32 → 16 → 8
+                s //= 2
+            # the displacement at the centres of the coarse cells, in the input's frame
+            pts = identity_grid((s, s)).reshape(-1, 2)
+            self.register_buffer("flow_proj", tps.composition_projector(self.ctrl, pts, self.coef),
+                                 persistent=False)                              # (P, 2·S²)
+            return
+        if cfg.arch != "regress":
+            raise ValueError(f"arch: expected 'regress' or 'flow', got {cfg.arch!r}")
         layers: list[nn.Module] = []
         c_in = 2 * cfg.mask_channels
         for c in cfg.channels:
@@ -34,10 +111,6 @@ class Matcher(nn.Module):
         self.head = nn.Linear(cfg.hidden, tps.n_params(cfg.grid_size))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("ctrl", tps.control_grid(cfg.grid_size), persistent=False)
-        self.register_buffer("coef", tps.tps_coefficients(self.ctrl).float(), persistent=False)
-        self._basis: dict[tuple, torch.Tensor] = {}
-        self._compose_ops: tuple[torch.Tensor, torch.Tensor] | None = None   # points, projector
 
     @property
     def n_ctrl(self) -> int:
@@ -49,6 +122,9 @@ class Matcher(nn.Module):
             if t.ndim != 4 or t.shape[1] != c or tuple(t.shape[-2:]) != (s, s):
                 raise ValueError(f"{name}: expected (B, {c}, {s}, {s}), got {tuple(t.shape)}")
         x = torch.cat([moving, fixed], dim=1)
+        if self.cfg.arch == "flow":
+            disp = self.flow(x).float().permute(0, 2, 3, 1).reshape(len(x), -1)   # (B, 2·S²)
+            return disp @ self.flow_proj.T
         return self.head(self.fc(self.pool(self.features(x))))
 
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor,
@@ -88,8 +164,15 @@ class Matcher(nn.Module):
                                           params)
 
     def grid(self, params: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Sampling grid (B, H, W, 2) for output size (H, W)."""
-        return tps.tps_grid(params, self.ctrl, size, basis=self.basis(size, params.dtype))
+        """Sampling grid (B, H, W, 2) for output size (H, W): ``tps.tps_grid`` as one matrix
+        product with cached operators (the same grid; tested)."""
+        h, w = int(size[0]), int(size[1])
+        ops = self._split_operators((h, w))
+        b = len(params)
+        basis = ops["basis"] if params.dtype == torch.float32 else ops["basis"].to(params.dtype)
+        g2 = torch.addmm(ops["base"].to(params.dtype).repeat(b, 1),
+                         params[:, ops["perm"]].reshape(2 * b, -1), basis)
+        return g2.view(b, 2, h, w).permute(0, 2, 3, 1)
 
     def warp(self, moving: torch.Tensor, params: torch.Tensor,
              size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -97,12 +180,14 @@ class Matcher(nn.Module):
         size = size or tuple(moving.shape[-2:])
         return tps.warp_image(moving, self.grid(params.float(), size))
 
+    @torch.no_grad()
     def refine(self, moving: torch.Tensor, fixed: torch.Tensor, params: torch.Tensor | None = None,
-               steps: int = 10, lr: float = 0.02) -> torch.Tensor:
+               steps: int = 10, lr: float | None = None) -> torch.Tensor:
         """Test-time refinement: a few Adam steps on the TPS parameters of each pair, from the
         network's prediction, minimising the training loss. Trades milliseconds for Dice.
 
-        moving, fixed: (B, C, S, S) masks in [0, 1]; params: (B, P) start (default: predicted).
+        moving, fixed: (B, C, S, S) masks in [0, 1]; params: (B, P) start (default: predicted);
+        lr: Adam's step size (default ``cfg.refine_lr``).
         Returns refined params (B, P), detached. Each pair is optimised independently (the loss
         is a sum over the batch).
         """
@@ -110,68 +195,94 @@ class Matcher(nn.Module):
             p0 = self.predict(moving, fixed) if params is None else params.float()
         if steps <= 0:
             return p0
-        size = (int(fixed.shape[-2]), int(fixed.shape[-1]))
-        ops = self._refine_operators(size)
-        mov, fix = moving.float(), fixed.float()
-        lam, mu = self.cfg.smooth_weight, self.cfg.fold_weight
-        fix_sum = fix.sum((1, 2, 3))
-        b1, b2, eps = 0.9, 0.999, 1e-8          # Adam, written out: a handful of in-place ops
-        m1, m2 = torch.zeros_like(p0), torch.zeros_like(p0)
-        p = p0.detach().clone()
+        lr = self.cfg.refine_lr if lr is None else float(lr)
+        h, w = int(fixed.shape[-2]), int(fixed.shape[-1])
+        ops = self._split_operators((h, w))
+        mov, fix = moving.float().contiguous(), fixed.float()
+        lam, mu, margin = self.cfg.smooth_weight, self.cfg.fold_weight, self.cfg.fold_margin
+        b, eps = len(p0), 1e-6
+        fix_sum = fix.sum((1, 2, 3)) + eps
+        g_det_value = -mu / ((h - 1) * (w - 1))      # d/d det of μ·mean(relu(margin − det))
+        b1, b2, e_adam = 0.9, 0.999, 1e-8             # Adam, written out
+        # Work in (x, y)-split parameters: x' = [x, y, 1, U(x, c_k)]·(a_x0, a_x1, a_x2, d_kx),
+        # and the same operator gives y', so one small matrix serves both coordinates
+        perm, basis, quad, diff = ops["perm"], ops["basis"], self._smoothness_form(), ops["diff"]
+        p = p0.detach()[:, perm].contiguous()
+        base = ops["base"].repeat(b, 1)                # (2B, HW): x, y rows per item
+        m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
         for t in range(1, steps + 1):
-            with torch.enable_grad():
-                q = p.detach().requires_grad_(True)
-                # the training loss, using the warp's linearity in p: grid = identity + q·L,
-                # finite-difference Jacobian = J0 + q·D, smoothness = qᵀ·Q·q
-                grid = torch.addmm(ops["base"], q, ops["lin"]).view(-1, size[0], size[1], 2)
-                warped = tps.warp_image(mov, grid)
-                inter = (warped * fix).sum((1, 2, 3))
-                dice = (2 * inter + 1e-6) / (warped.sum((1, 2, 3)) + fix_sum + 1e-6)
-                loss = (lam * ((q @ ops["quad"]) * q).sum(1) - dice).sum()
-                if mu:
-                    j = torch.addmm(ops["jac0"], q, ops["jac"]).view(len(q), 4, -1)
-                    det = j[:, 0] * j[:, 1] - j[:, 2] * j[:, 3]
-                    loss = loss + mu * torch.relu(-det).mean(1).sum()
-                (g,) = torch.autograd.grad(loss, q)
+            # The loss's gradient, written out (an autograd graph is most of the cost at these
+            # sizes); the sampler's exact derivative comes from grid_sample's own backward.
+            g2 = torch.addmm(base, p.view(2 * b, -1), basis).view(b, 2, h, w)
+            grid = g2.permute(0, 2, 3, 1)
+            warped = nn.functional.grid_sample(mov, grid, mode="bilinear",
+                                               padding_mode="zeros", align_corners=False)
+            inter = (warped * fix).sum((1, 2, 3))
+            denom = warped.sum((1, 2, 3)) + fix_sum
+            # d(−Dice)/d(warped) with Dice = (2·I + ε) / (Σw + Σf + ε)
+            g_w = torch.addcmul(((2 * inter + eps) / denom.square()).view(-1, 1, 1, 1),
+                                (2 / denom).view(-1, 1, 1, 1), fix, value=-1)
+            _, g_grid = torch.ops.aten.grid_sampler_2d_backward(
+                g_w.expand_as(warped).contiguous(), mov, grid, 0, 0, False, [False, True])
+            g_grid = g_grid.permute(0, 3, 1, 2)
+            if mu:
+                # folding: the forward-difference Jacobian in pixels (as losses.jacobian_det)
+                # is one fixed 2×2 convolution of the grid, and its adjoint the gradient's
+                jx, jy, jyx, jxy = nn.functional.conv2d(g2, diff).unbind(1)
+                low = (jx * jy - jyx * jxy) < margin
+                if low.any():                 # most steps: nowhere near folding, no gradient
+                    gd = low.to(g2.dtype).mul_(g_det_value)
+                    g_j = torch.stack([jy, jx, jxy, jyx], 1).mul_(ops["sign"]).mul_(gd[:, None])
+                    g_grid = g_grid + nn.functional.conv_transpose2d(g_j, diff)
+            g = torch.mm(g_grid.reshape(2 * b, -1), ops["basis_t"]).view(b, -1)
+            g.addmm_(p, quad, alpha=2 * lam)
             m1.mul_(b1).add_(g, alpha=1 - b1)
             m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (m2 / (1 - b2 ** t)).sqrt_().add_(eps)
-            p.addcdiv_(m1, denom, value=-lr / (1 - b1 ** t))
-        return p
+            den = (m2 / (1 - b2 ** t)).sqrt_().add_(e_adam)
+            p.addcdiv_(m1, den, value=-lr / (1 - b1 ** t))
+        return p[:, ops["unperm"]].contiguous()
 
-    def _refine_operators(self, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Cached linear operators of the warp for one output size (H, W):
+    def _split_operators(self, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Cached operators of the warp for one output size (H, W), in (x, y)-split parameter
+        order (``perm``: the x-parameters a_x0, a_x1, a_x2, d_1x … d_Kx, then the same for y;
+        ``unperm`` undoes it):
 
-        base (1, 2HW) identity grid and lin (P, 2HW), so grid = base + p·lin;
-        jac0 (1, 4M) and jac (P, 4M), the forward-difference Jacobian of the grid in pixel
-        units (entries xx, xy, yx, yy over M = (H-1)(W-1) pixels), as in ``jacobian_det``;
-        quad (P, P) with control_smoothness(offsets) = pᵀ·quad·p.
+        basis (3 + K, HW) with x' − x = p_x·basis and y' − y = p_y·basis (rows: x, y, 1 of
+        the affine part, then the K spline basis functions), and basis_t, its transpose;
+        base (2, HW), the identity grid's x and y rows; diff and sign, the Jacobian's
+        difference kernel (:func:`_jacobian_kernel`) and the signs of d det / d entries.
         """
-        key = ("refine", size)
+        key = ("split", size)
         if key not in self._basis:
             h, w = size
-            pts = identity_grid(size, dtype=torch.float64, device=self.ctrl.device)
-            lin = tps.param_matrix(pts.reshape(-1, 2), self.basis(size, torch.float64)).T
-            n_p = lin.shape[0]
-            scale = torch.tensor([w / 2, h / 2], dtype=torch.float64)
+            k = self.n_ctrl
+            pts = identity_grid(size, dtype=torch.float64, device=self.ctrl.device).reshape(-1, 2)
+            basis = torch.cat([pts.T, torch.ones(1, h * w, dtype=torch.float64),
+                               self.basis(size, torch.float64).T], 0)
+            idx = torch.arange(k)
+            perm = torch.cat([torch.tensor([0, 1, 2]), tps.N_AFFINE + 2 * idx,
+                              torch.tensor([3, 4, 5]), tps.N_AFFINE + 2 * idx + 1])
+            self._basis[key] = {"basis": basis.float().contiguous(),
+                                "basis_t": basis.T.float().contiguous(),
+                                "base": pts.T.float().contiguous(),
+                                "perm": perm, "unperm": torch.argsort(perm),
+                                "diff": _jacobian_kernel(h, w),
+                                "sign": torch.tensor([1.0, 1.0, -1.0, -1.0]).view(4, 1, 1)}
+        return self._basis[key]
 
-            def jac_entries(g):                 # (B, H, W, 2) grid → (B, 4M)
-                g = g * scale
-                gx = g[:, :-1, 1:] - g[:, :-1, :-1]
-                gy = g[:, 1:, :-1] - g[:, :-1, :-1]
-                return torch.stack([gx[..., 0], gy[..., 1], gx[..., 1], gy[..., 0]],
-                                   1).reshape(len(g), -1)
-            jac0 = jac_entries(pts[None])
-            jac = jac_entries(lin.reshape(n_p, h, w, 2))
+    def _smoothness_form(self) -> torch.Tensor:
+        """(P, P) Q with control_smoothness(offsets) = pᵀ·Q·p, in the split parameter order of
+        :meth:`_split_operators` (cached; the same for every size)."""
+        if "smooth" not in self._basis:
+            k = self.n_ctrl
+            perm = self._split_operators((2, 2))["perm"]
 
             def smooth(v):
-                return control_smoothness(tps.split_params(v[None], self.n_ctrl)[1])[0]
-            quad = torch.autograd.functional.hessian(smooth, torch.zeros(n_p, dtype=torch.float64))
-            self._basis[key] = {"base": pts.reshape(1, -1).float(),
-                                "lin": lin.contiguous().float(),
-                                "jac0": jac0.float(), "jac": jac.contiguous().float(),
-                                "quad": (quad / 2).float()}
-        return self._basis[key]
+                return control_smoothness(tps.split_params(v[None], k)[1])[0]
+            quad = torch.autograd.functional.hessian(
+                smooth, torch.zeros(tps.N_AFFINE + 2 * k, dtype=torch.float64))
+            self._basis["smooth"] = (quad / 2)[perm][:, perm].float().contiguous()
+        return self._basis["smooth"]
 
     def loss(self, moving: torch.Tensor, fixed: torch.Tensor):
         """Training loss for one batch of masks (B, C, S, S) in [0, 1]."""
@@ -179,5 +290,5 @@ class Matcher(nn.Module):
         grid = self.grid(params, tuple(fixed.shape[-2:]))
         warped = tps.warp_image(moving.float(), grid)
         _, offsets = tps.split_params(params, self.n_ctrl)
-        return matcher_loss(warped, fixed.float(), offsets, grid,
-                            self.cfg.smooth_weight, self.cfg.fold_weight)
+        return matcher_loss(warped, fixed.float(), offsets, grid, self.cfg.smooth_weight,
+                            self.cfg.fold_weight, self.cfg.fold_margin)

@@ -104,21 +104,27 @@ class FullFramePairs:
 
 @torch.no_grad()
 def matcher_val_dice(model: Matcher, moving: torch.Tensor, fixed: torch.Tensor,
-                     bs: int = 250) -> tuple[float, float]:
-    """Hard Dice / IoU of warped-moving (>0.5) against fixed, fp32."""
+                     bs: int = 250) -> tuple[float, float, float]:
+    """Hard Dice / IoU of warped-moving (>0.5) against fixed, and the share of pixels whose
+    warp folds (det J ≤ 0), fp32."""
+    from .losses import jacobian_det
     model.eval()
-    dices, ious = [], []
+    dices, ious, folds = [], [], []
     for i in range(0, len(moving), bs):
         m, f = moving[i:i + bs], fixed[i:i + bs]
+        params = model.predict(m, f)
+        folds.append((jacobian_det(model.grid(params, tuple(f.shape[-2:]))) <= 0).float()
+                     .mean((1, 2)))
         # part-labelled masks are scored on the whole silhouette (the union of the parts)
-        w = model.warp(m, model.predict(m, f)).sum(1, keepdim=True) > 0.5
+        w = model.warp(m, params).sum(1, keepdim=True) > 0.5
         f = f.sum(1, keepdim=True) > 0.5
         inter = (w & f).sum((1, 2, 3)).float()
         s = w.sum((1, 2, 3)).float() + f.sum((1, 2, 3)).float()
         dices.append(2 * inter / s.clamp_min(1))
         ious.append(inter / (s - inter).clamp_min(1))
     model.train()
-    return float(torch.cat(dices).mean()), float(torch.cat(ious).mean())
+    return (float(torch.cat(dices).mean()), float(torch.cat(ious).mean()),
+            float(torch.cat(folds).mean()))
 
 
 def fit(model, batch_loss, validate, args, desc: str, weight_decay: float) -> dict:
@@ -212,16 +218,25 @@ def matcher_data(dataset: str, full: bool, part: str, seed: int, cfg: MatcherCon
     return FullFramePairs(part, seed) if full else MnistPairs(part, seed)
 
 
+def matcher_config(args, full: bool) -> MatcherConfig:
+    """The matcher's config: the preset's design (``MATCHER_PRESETS``), then the data set's
+    sizes (``DATASET_MODELS``), then explicit command-line options. The full-frame matcher
+    (no localization, paper §4.2) is the paper's regressor with a 16×16 grid, one pass."""
+    kind = "matcher-full" if full else "matcher"
+    base = ({"arch": "regress", "grid_size": 16, "passes": 1, "fold_weight": 1.0} if full
+            else dict(MATCHER_PRESETS[args.preset]))
+    base["input_size"] = 112 if full else 28
+    base.update(DATASET_MODELS.get(args.dataset, {}).get(kind, {}))
+    cli = {"grid_size": args.grid, "fold_weight": args.fold, "passes": args.passes,
+           "arch": args.arch, "flow_scale": args.flow_scale, "fold_margin": args.fold_margin,
+           "unet_channels": tuple(args.unet) if args.unet else None}
+    base.update({k: v for k, v in cli.items() if v is not None})
+    return MatcherConfig(smooth_weight=args.smooth, mask_channels=2 if args.parts else 1,
+                         **base)
+
+
 def train_matcher(args, full: bool) -> dict:
-    preset = MATCHER_PRESETS[args.preset]
-    over = DATASET_MODELS.get(args.dataset, {}).get("matcher-full" if full else "matcher", {})
-    cfg = MatcherConfig(input_size=over.get("input_size", 112 if full else 28),
-                        grid_size=(over.get("grid_size", 16) if full
-                                   else (args.grid or preset["grid_size"])),
-                        smooth_weight=args.smooth,
-                        fold_weight=preset["fold_weight"] if args.fold is None else args.fold,
-                        passes=args.passes if args.passes else (1 if full else preset["passes"]),
-                        mask_channels=2 if args.parts else 1)
+    cfg = matcher_config(args, full)
     torch.manual_seed(args.seed)
     model = Matcher(cfg).to(memory_format=torch.channels_last)
     data = matcher_data(args.dataset, full, "train", args.seed, cfg, args)
@@ -242,8 +257,8 @@ def train_matcher(args, full: bool) -> dict:
                           f.contiguous(memory_format=torch.channels_last))
 
     def validate():
-        d, j = matcher_val_dice(model, val_m, val_f)
-        return {"val_dice": round(d, 4), "val_iou": round(j, 4)}
+        d, j, fold = matcher_val_dice(model, val_m, val_f)
+        return {"val_dice": round(d, 4), "val_iou": round(j, 4), "val_fold": round(fold, 5)}
 
     metrics = fit(model, batch_loss, validate, args,
                   f"train {'matcher-full' if full else 'matcher'}", 1e-4)   # paper: L2 1e-4
@@ -454,8 +469,7 @@ def train_segmenter(args) -> dict:
                         "val_crops": int(len(val_i))}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m registration.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["matcher", "matcher-full", "localizer", "segmenter"])
@@ -472,6 +486,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smooth", type=float, default=1.0, help="λ, smoothness weight")
     p.add_argument("--fold", type=float, default=None,
                    help="negative-Jacobian penalty weight (default: the preset's)")
+    p.add_argument("--arch", default=None, choices=["regress", "flow"],
+                   help="matcher network: 'regress' (conv + FC → TPS, the paper's) or 'flow' "
+                        "(U-Net displacement projected onto the TPS); default: the preset's")
+    p.add_argument("--flow-scale", type=int, default=None,
+                   help="flow matcher: displacement predicted every this many pixels (1, 2, 4)")
+    p.add_argument("--unet", type=int, nargs="+", default=None,
+                   help="flow matcher: U-Net channels per level (default 16 32 64)")
+    p.add_argument("--fold-margin", type=float, default=None,
+                   help="folding penalty is relu(margin − det J) (default: the preset's)")
     p.add_argument("--passes", type=int, default=None,
                    help="matcher cascade passes at inference (default 3; matcher-full 1)")
     p.add_argument("--cascade", type=float, default=0.5,
@@ -493,6 +516,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (slower than fp32 on CPUs without native bf16)")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<dataset>/<model>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
     args = p.parse_args(argv)
     # Before the thread pool starts, so every worker inherits it: dead filters decay towards 0
     # under weight decay and their denormal products made training steps 4× slower over a run.

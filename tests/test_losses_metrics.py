@@ -88,3 +88,10 @@ def test_ncc_inside_mask_known_answers():
     b[~mask] = torch.rand(int((~mask).sum()))        # outside the mask does not count
     assert torch.allclose(_ncc_inside(a, b, mask), torch.ones(2), atol=1e-5)
     assert torch.equal(_ncc_inside(a, torch.ones_like(a), mask), torch.zeros(2))   # flat → 0
+
+
+def test_fold_penalty_margin_counts_the_gap_below_it():
+    from registration.coords import identity_grid
+    g = identity_grid((9, 9))[None]                      # det J = 1 everywhere
+    assert float(losses.fold_penalty(g, margin=0.5)) == 0
+    assert abs(float(losses.fold_penalty(g, margin=1.5)) - 0.5) < 1e-6

@@ -18,21 +18,23 @@ def _reference_refine(model, moving, fixed, p0, steps, lr=0.02):
         warped = tps.warp_image(moving, grid)
         _, offsets = tps.split_params(p, model.n_ctrl)
         loss, _ = matcher_loss(warped, fixed, offsets, grid, model.cfg.smooth_weight,
-                               model.cfg.fold_weight)
+                               model.cfg.fold_weight, model.cfg.fold_margin)
         opt.zero_grad()
         (loss * len(p)).backward()
         opt.step()
     return p.detach()
 
 
-def test_fast_refinement_equals_the_plain_autograd_version():
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_fast_refinement_equals_the_plain_autograd_version(margin):
     torch.manual_seed(0)
-    model = Matcher(MatcherConfig(grid_size=4, smooth_weight=0.5, fold_weight=2.0))
+    model = Matcher(MatcherConfig(grid_size=4, smooth_weight=0.5, fold_weight=2.0,
+                                  fold_margin=margin))
     moving = (torch.rand(3, 1, 28, 28) > 0.6).float()
     fixed = (torch.rand(3, 1, 20, 24) > 0.6).float()      # refinement works at any fixed size
     p0 = torch.randn(3, tps.n_params(4)) * 0.1               # some folding, so μ matters
     want = _reference_refine(model, moving, fixed, p0, steps=8)
-    got = model.refine(moving, fixed, p0, steps=8)
+    got = model.refine(moving, fixed, p0, steps=8, lr=0.02)
     assert (want - p0).abs().max() > 0.05                    # the steps did move the parameters
     assert torch.allclose(got, want, atol=1e-4)
 
@@ -108,3 +110,55 @@ def test_part_labelled_matcher_takes_two_channels_and_starts_at_identity():
     assert torch.allclose(m.warp(x, p), x, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, 2, 32, 32\)"):
         m(torch.rand(3, 1, 32, 32), torch.rand(3, 1, 32, 32))
+
+
+def test_flow_matcher_starts_as_the_identity():
+    model = Matcher(MatcherConfig(arch="flow", grid_size=6)).eval()
+    m = (torch.rand(2, 1, 28, 28) > 0.6).float()
+    with torch.no_grad():
+        p = model.predict(m, torch.rand(2, 1, 28, 28))
+        assert p.abs().max() == 0
+        assert torch.allclose(model.warp(m, p), m, atol=1e-5)
+
+
+def test_flow_projection_recovers_a_tps_from_its_displacement():
+    """Known answer: the dense displacement of any TPS on the control grid projects back onto
+    that same warp (the parameters may differ only by the affine/offset redundancy)."""
+    torch.manual_seed(1)
+    model = Matcher(MatcherConfig(arch="flow", grid_size=6))
+    p = torch.randn(3, tps.n_params(6)) * 0.05
+    grid = model.grid(p, (28, 28))
+    disp = (grid - _pixel_centres(28).reshape(1, 28, 28, 2)).reshape(3, -1)
+    back = disp @ model.flow_proj.T
+    assert torch.allclose(model.grid(back, (28, 28)), grid, atol=1e-4)
+
+
+@pytest.mark.parametrize("flow_scale", [1, 2, 4])
+def test_flow_matcher_turns_a_constant_displacement_into_a_shift(flow_scale):
+    model = Matcher(MatcherConfig(arch="flow", grid_size=4, flow_scale=flow_scale)).eval()
+    cells = 28 // flow_scale                                   # the lattice the U-Net outputs
+    assert model.flow_proj.shape == (tps.n_params(4), 2 * cells * cells)
+    with torch.no_grad():
+        model.flow.out.bias.copy_(torch.tensor([0.1, -0.2]))      # every pixel: (+0.1, −0.2)
+        p = model(torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28))
+        want = _pixel_centres(28).reshape(1, 28, 28, 2) + torch.tensor([0.1, -0.2])
+        assert torch.allclose(model.grid(p, (28, 28)), want, atol=1e-5)
+
+
+def test_matcher_rejects_an_unknown_architecture_or_flow_scale():
+    with pytest.raises(ValueError, match="arch"):
+        Matcher(MatcherConfig(arch="transformer"))
+    with pytest.raises(ValueError, match="flow_scale"):
+        Matcher(MatcherConfig(arch="flow", flow_scale=3))
+
+
+def test_cached_grid_equals_the_tps_grid():
+    torch.manual_seed(2)
+    model = Matcher(MatcherConfig(grid_size=5))
+    p = torch.randn(3, tps.n_params(5)) * 0.1
+    for size in ((28, 28), (17, 40)):
+        want = tps.tps_grid(p, model.ctrl, size)
+        assert torch.allclose(model.grid(p, size), want, atol=1e-5)
+    p64 = p.double().requires_grad_(True)                 # differentiable, any float dtype
+    model.grid(p64, (9, 9)).sum().backward()
+    assert p64.grad is not None and p64.grad.dtype == torch.float64

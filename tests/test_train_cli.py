@@ -2,8 +2,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from registration import checkpoint, train
+
+
+def train_args(argv):
+    return train.build_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize("model", ["matcher", "localizer"])
@@ -25,13 +30,19 @@ def test_budget_progress_follows_the_binding_limit():
 
 
 def test_presets_build_the_shipped_and_the_papers_matcher(tmp_path):
-    for preset, grid, passes, n_params in (("default", 8, 3, 134), ("paper", 4, 1, 38)):
+    for preset, arch, grid, passes, n_params in (("default", "flow", 12, 1, 294),
+                                                 ("cascade", "regress", 8, 3, 134),
+                                                 ("paper", "regress", 4, 1, 38)):
         out = tmp_path / preset
         train.main(["matcher", "--preset", preset, "--steps", "1", "--batch", "4",
                     "--val-pairs", "8", "--val-every", "1", "--threads", "1", "--out", str(out)])
         m = checkpoint.load_folder(out)
-        assert (m.cfg.grid_size, m.cfg.passes) == (grid, passes)
-        assert m.head.out_features == n_params
+        assert (m.cfg.arch, m.cfg.grid_size, m.cfg.passes) == (arch, grid, passes)
+        with torch.no_grad():
+            p = m(torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28))
+        assert p.shape == (1, n_params)
+    full = train.matcher_config(train_args(["matcher-full"]), full=True)
+    assert (full.arch, full.grid_size, full.input_size) == ("regress", 16, 112)
 
 
 @pytest.mark.parametrize("model,extra", [("segmenter", ["--pool", "8"]),
@@ -49,7 +60,8 @@ def test_silhouette_models_train_and_load(tmp_path, model, extra):
         assert (cfg["image_size"], cfg["query_size"]) == (128, 64)
     if model == "matcher":
         assert (cfg["input_size"], cfg["mask_channels"]) == (32, 2)
-        assert m.features[0].in_channels == 4
+        first = next(x for x in m.modules() if isinstance(x, torch.nn.Conv2d))
+        assert first.in_channels == 4                      # moving and fixed, two parts each
     if model == "segmenter":
         assert cfg["kind"] == "segnet"
 

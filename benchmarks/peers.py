@@ -376,7 +376,13 @@ def main(argv=None) -> None:
     ap.add_argument("--tune-only", nargs="*", default=None, help="with --tune: these methods")
     ap.add_argument("--skip-slow", action="store_true", help="leave B-spline out of part 2")
     ap.add_argument("--out", default="reports")
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw peers.png from the peers.json already in --out")
     args = ap.parse_args(argv)
+    if args.replot:
+        data = json.loads((Path(args.out) / "peers.json").read_text())
+        _plot(data["matching"], data["end_to_end"], Path(args.out) / "peers.png")
+        return
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     if sitk is None or optical_flow_tvl1 is None:
@@ -438,21 +444,46 @@ def main(argv=None) -> None:
     print(f"\nwrote {out / 'peers.json'} and {out / 'peers.png'}")
 
 
+def _short(name: str) -> str:
+    """Plot label: the table's row name without its parenthesised details."""
+    for long, short in (("this matcher: flow U-Net → 12×12 TPS, one pass", "flow matcher, 1 pass"),
+                        ("this matcher + ", "flow matcher + "),
+                        ("paper's design: one STN pass (8×8 TPS regressor)", "paper's design (1 pass)"),
+                        ("previous matcher: 8×8 regressor, 3 passes", "previous matcher (3 passes)"),
+                        ("this project's full-frame matcher", "full-frame matcher"),
+                        (", full frame, no localization", ", no loc."),
+                        (" refinement steps", " steps"),
+                        ("this pipeline (SSD + TPS matcher, ", "this pipeline, "),
+                        (" steps, the default)", " steps (default)")):
+        name = name.replace(long, short)
+    return name.split(" (")[0] if not name.endswith("passes)") and "pass)" not in name else name
+
+
 def _plot(res: dict, e2e: dict, path: Path) -> None:
+    """Dice against ms per pair (log): learned rows orange circles labelled on the left,
+    classical rows blue squares labelled on the right; the identity as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2 if e2e else 1, figsize=(12 if e2e else 6.5, 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if e2e else 1, figsize=(13 if e2e else 6.5, 5.2), squeeze=False)
     for ax, data, title in ((axes[0, 0], res, "28×28 mask pairs"),
                             *(((axes[0, 1], e2e, "112×112 scenes, end to end"),) if e2e else ())):
         for name, r in data.items():
-            ms = max(r["ms_per_pair"], 0.01)
-            learned = name.startswith("this")
-            ax.scatter(ms, r["dice"], s=60, marker="o" if learned else "s",
-                       color="tab:orange" if learned else "tab:blue")
-            ax.annotate(name, (ms, r["dice"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            if r["ms_per_pair"] <= 0:          # the identity: no time to plot
+                ax.axhline(r["dice"], color="grey", ls="--", lw=1)
+                ax.annotate(f"{name}: Dice {r['dice']:.3f}", (0.02, r["dice"]),
+                            xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                            xytext=(0, 3), textcoords="offset points")
+                continue
+            learned = name.startswith(("this", "paper's", "previous"))
+            ax.scatter(r["ms_per_pair"], r["dice"], s=50, marker="o" if learned else "s",
+                       color="tab:orange" if learned else "tab:blue", zorder=3)
+            ax.annotate(_short(name), (r["ms_per_pair"], r["dice"]), fontsize=7,
+                        xytext=(-6 if learned else 6, -3), textcoords="offset points",
+                        ha="right" if learned else "left")
         ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo / 3, hi * 6)
         ax.set_xlabel("ms per pair (one pair, median, log scale)")
         ax.set_ylabel("Dice")
         ax.set_title(title)

@@ -41,6 +41,9 @@ class MatcherConfig:
     # design on validation pairs: 0.02 for the regressor, 0.01 for the flow matcher, whose
     # start is closer
     refine_lr: float = 0.02
+    # refinement judges folding on a grid this many times finer than the pixels (1 = the
+    # pixel grid, as in training); creases narrower than a pixel only show on a finer one
+    fold_supersample: int = 1
     kind: str = "matcher"
 
 

@@ -203,10 +203,15 @@ class Matcher(nn.Module):
         b, eps = len(p0), 1e-6
         fix_sum = fix.sum((1, 2, 3)) + eps
         g_det_value = -mu / ((h - 1) * (w - 1))      # d/d det of μ·mean(relu(margin − det))
+        sup = max(1, int(self.cfg.fold_supersample))
+        if sup > 1:
+            fops = self._split_operators((sup * h, sup * w))
+            g_det_value_f = -mu / ((sup * h - 1) * (sup * w - 1))
+            base_f = fops["base"].repeat(len(p0), 1)
         b1, b2, e_adam = 0.9, 0.999, 1e-8             # Adam, written out
         # Work in (x, y)-split parameters: x' = [x, y, 1, U(x, c_k)]·(a_x0, a_x1, a_x2, d_kx),
         # and the same operator gives y', so one small matrix serves both coordinates
-        perm, basis, quad, diff = ops["perm"], ops["basis"], self._smoothness_form(), ops["diff"]
+        perm, basis, quad = ops["perm"], ops["basis"], self._smoothness_form()
         p = p0.detach()[:, perm].contiguous()
         base = ops["base"].repeat(b, 1)                # (2B, HW): x, y rows per item
         m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
@@ -225,22 +230,39 @@ class Matcher(nn.Module):
             _, g_grid = torch.ops.aten.grid_sampler_2d_backward(
                 g_w.expand_as(warped).contiguous(), mov, grid, 0, 0, False, [False, True])
             g_grid = g_grid.permute(0, 3, 1, 2)
-            if mu:
-                # folding: the forward-difference Jacobian in pixels (as losses.jacobian_det)
-                # is one fixed 2×2 convolution of the grid, and its adjoint the gradient's
-                jx, jy, jyx, jxy = nn.functional.conv2d(g2, diff).unbind(1)
-                low = (jx * jy - jyx * jxy) < margin
-                if low.any():                 # most steps: nowhere near folding, no gradient
-                    gd = low.to(g2.dtype).mul_(g_det_value)
-                    g_j = torch.stack([jy, jx, jxy, jyx], 1).mul_(ops["sign"]).mul_(gd[:, None])
-                    g_grid = g_grid + nn.functional.conv_transpose2d(g_j, diff)
+            if mu and sup == 1:
+                g_grid = g_grid + self._fold_grad(g2, ops, margin, g_det_value)
             g = torch.mm(g_grid.reshape(2 * b, -1), ops["basis_t"]).view(b, -1)
+            if mu and sup > 1:
+                # folding judged on a grid `sup` times finer than the pixels, where creases
+                # narrower than a pixel show (README, "Sub-pixel folding")
+                gf = torch.addmm(base_f, p.view(2 * b, -1), fops["basis"]).view(
+                    b, 2, sup * h, sup * w)
+                g.view(2 * b, -1).addmm_(
+                    self._fold_grad(gf, fops, margin, g_det_value_f).reshape(2 * b, -1),
+                    fops["basis_t"])
             g.addmm_(p, quad, alpha=2 * lam)
             m1.mul_(b1).add_(g, alpha=1 - b1)
             m2.mul_(b2).addcmul_(g, g, value=1 - b2)
             den = (m2 / (1 - b2 ** t)).sqrt_().add_(e_adam)
             p.addcdiv_(m1, den, value=-lr / (1 - b1 ** t))
         return p[:, ops["unperm"]].contiguous()
+
+    @staticmethod
+    def _fold_grad(g2: torch.Tensor, ops: dict, margin: float, g_det_value: float
+                   ) -> torch.Tensor:
+        """Gradient of μ·mean(relu(margin − det J)) with respect to a grid (B, 2, H, W) in
+        normalised units: the forward-difference Jacobian in pixels (as losses.jacobian_det)
+        is one fixed 2×2 convolution of the grid, and its adjoint carries the gradient back.
+        ``g_det_value`` = −μ / (number of det entries)."""
+        diff = ops["diff"]
+        jx, jy, jyx, jxy = nn.functional.conv2d(g2, diff).unbind(1)
+        low = (jx * jy - jyx * jxy) < margin
+        if not low.any():                   # most steps: nowhere near folding, no gradient
+            return torch.zeros_like(g2)
+        gd = low.to(g2.dtype).mul_(g_det_value)
+        g_j = torch.stack([jy, jx, jxy, jyx], 1).mul_(ops["sign"]).mul_(gd[:, None])
+        return nn.functional.conv_transpose2d(g_j, diff)
 
     def _split_operators(self, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Cached operators of the warp for one output size (H, W), in (x, y)-split parameter

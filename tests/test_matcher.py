@@ -4,7 +4,7 @@ import torch
 from registration import tps
 from registration.config import LocalizerConfig, MatcherConfig
 from registration.localizer import Localizer
-from registration.losses import matcher_loss
+from registration.losses import fold_penalty, matcher_loss
 from registration.matcher import Matcher
 
 
@@ -17,19 +17,23 @@ def _reference_refine(model, moving, fixed, p0, steps, lr=0.02):
         grid = tps.tps_grid(p, model.ctrl, size)
         warped = tps.warp_image(moving, grid)
         _, offsets = tps.split_params(p, model.n_ctrl)
+        sup = model.cfg.fold_supersample
         loss, _ = matcher_loss(warped, fixed, offsets, grid, model.cfg.smooth_weight,
-                               model.cfg.fold_weight, model.cfg.fold_margin)
+                               model.cfg.fold_weight if sup == 1 else 0.0, model.cfg.fold_margin)
+        if sup > 1:                      # folding judged on a finer grid than the pixels
+            fine = tps.tps_grid(p, model.ctrl, (sup * size[0], sup * size[1]))
+            loss = loss + model.cfg.fold_weight * fold_penalty(fine, model.cfg.fold_margin).mean()
         opt.zero_grad()
         (loss * len(p)).backward()
         opt.step()
     return p.detach()
 
 
-@pytest.mark.parametrize("margin", [0.0, 0.3])
-def test_fast_refinement_equals_the_plain_autograd_version(margin):
+@pytest.mark.parametrize("margin,supersample", [(0.0, 1), (0.3, 1), (0.3, 2)])
+def test_fast_refinement_equals_the_plain_autograd_version(margin, supersample):
     torch.manual_seed(0)
     model = Matcher(MatcherConfig(grid_size=4, smooth_weight=0.5, fold_weight=2.0,
-                                  fold_margin=margin))
+                                  fold_margin=margin, fold_supersample=supersample))
     moving = (torch.rand(3, 1, 28, 28) > 0.6).float()
     fixed = (torch.rand(3, 1, 20, 24) > 0.6).float()      # refinement works at any fixed size
     p0 = torch.randn(3, tps.n_params(4)) * 0.1               # some folding, so μ matters

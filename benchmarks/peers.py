@@ -181,6 +181,14 @@ def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64
         grids.append(g.numpy())
     warped, grids = np.concatenate(warped), np.concatenate(grids)
     res = _scores(warped, fix, [metrics.grid_to_displacement(g) for g in grids])
+    res.update(_time_learned(go, m, f, batch_sizes))
+    return res
+
+
+def _time_learned(go, m: torch.Tensor, f: torch.Tensor, batch_sizes=(64, 256),
+                  warm_batches: bool = False) -> dict:
+    """Median ms of ``go`` on one pair (200 pairs after 10 warm-up calls) and pairs/s in each
+    batch size (after one warm-up batch if ``warm_batches``)."""
     for i in range(10):
         go(m[i:i + 1], f[i:i + 1])
     times = []
@@ -188,14 +196,16 @@ def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64
         t0 = time.perf_counter()
         go(m[i:i + 1], f[i:i + 1])
         times.append(time.perf_counter() - t0)
-    res["ms_per_pair"] = statistics.median(times) * 1e3
+    out = {"ms_per_pair": statistics.median(times) * 1e3}
     for bs in batch_sizes:
         n = (len(m) // bs) * bs or len(m)
+        if warm_batches:
+            go(m[:bs], f[:bs])
         t0 = time.perf_counter()
         for i in range(0, n, bs):
             go(m[i:i + bs], f[i:i + bs])
-        res[f"pairs_per_s_batch{bs}"] = n / (time.perf_counter() - t0)
-    return res
+        out[f"pairs_per_s_batch{bs}"] = n / (time.perf_counter() - t0)
+    return out
 
 
 def speed(model, mov, fix, threads=(1, 2), steps=(0,) + REFINE_STEPS) -> list[dict]:
@@ -218,22 +228,8 @@ def speed(model, mov, fix, threads=(1, 2), steps=(0,) + REFINE_STEPS) -> list[di
     for t in threads:
         torch.set_num_threads(t)
         for k in steps:
-            for i in range(10):
-                go(m[i:i + 1], f[i:i + 1], k)
-            times = []
-            for i in range(min(len(m), 200)):
-                t0 = time.perf_counter()
-                go(m[i:i + 1], f[i:i + 1], k)
-                times.append(time.perf_counter() - t0)
-            row = {"threads": t, "refine_steps": k, "ms_per_pair": statistics.median(times) * 1e3}
-            for bs in (64, 256):
-                n = (len(m) // bs) * bs or len(m)
-                go(m[:bs], f[:bs], k)
-                t0 = time.perf_counter()
-                for i in range(0, n, bs):
-                    go(m[i:i + bs], f[i:i + bs], k)
-                row[f"pairs_per_s_batch{bs}"] = n / (time.perf_counter() - t0)
-            out.append(row)
+            timing = _time_learned(lambda mm, ff: go(mm, ff, k), m, f, warm_batches=True)
+            out.append({"threads": t, "refine_steps": k, **timing})
     torch.set_num_threads(before)
     return out
 

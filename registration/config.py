@@ -49,7 +49,7 @@ class MatcherConfig:
 
 # Named matcher designs (``python -m registration.train matcher --preset NAME``):
 # "default": what ships — the flow U-Net projected onto a 12×12 TPS, one pass, a folding
-#   penalty with a margin (README, "A better learned matcher");
+#   penalty with a margin (README, "The flow matcher");
 # "cascade": the previous default — the paper's regressor with an 8×8 grid applied 3 times;
 # "paper": the paper's TPS layer as published (4×4 = 16 control points, one pass, no folding
 #   penalty).

@@ -87,9 +87,7 @@ class Matcher(nn.Module):
                 raise ValueError(f"flow_scale: expected a power of 2 below "
                                  f"2^{len(cfg.unet_channels)}, got {cfg.flow_scale}")
             self.flow = FlowUNet(2 * cfg.mask_channels, tuple(cfg.unet_channels), skip)
-            s = cfg.input_size
-            for _ in range(skip):                  # max-pool sizes: 28 → 14 → 7, 32 → 16 → 8
-                s //= 2
+            s = cfg.input_size >> skip             # max-pool sizes: 28 → 14 → 7, 32 → 16 → 8
             # the displacement at the centres of the coarse cells, in the input's frame
             pts = identity_grid((s, s)).reshape(-1, 2)
             self.register_buffer("flow_proj", tps.composition_projector(self.ctrl, pts, self.coef),
@@ -281,9 +279,7 @@ class Matcher(nn.Module):
             pts = identity_grid(size, dtype=torch.float64, device=self.ctrl.device).reshape(-1, 2)
             basis = torch.cat([pts.T, torch.ones(1, h * w, dtype=torch.float64),
                                self.basis(size, torch.float64).T], 0)
-            idx = torch.arange(k)
-            perm = torch.cat([torch.tensor([0, 1, 2]), tps.N_AFFINE + 2 * idx,
-                              torch.tensor([3, 4, 5]), tps.N_AFFINE + 2 * idx + 1])
+            perm = self._split_perm()
             self._basis[key] = {"basis": basis.float().contiguous(),
                                 "basis_t": basis.T.float().contiguous(),
                                 "base": pts.T.float().contiguous(),
@@ -292,12 +288,18 @@ class Matcher(nn.Module):
                                 "sign": torch.tensor([1.0, 1.0, -1.0, -1.0]).view(4, 1, 1)}
         return self._basis[key]
 
+    def _split_perm(self) -> torch.Tensor:
+        """(P,) parameter indices in split order: a_x0, a_x1, a_x2, d_1x … d_Kx, then y."""
+        idx = torch.arange(self.n_ctrl)
+        return torch.cat([torch.tensor([0, 1, 2]), tps.N_AFFINE + 2 * idx,
+                          torch.tensor([3, 4, 5]), tps.N_AFFINE + 2 * idx + 1])
+
     def _smoothness_form(self) -> torch.Tensor:
         """(P, P) Q with control_smoothness(offsets) = pᵀ·Q·p, in the split parameter order of
         :meth:`_split_operators` (cached; the same for every size)."""
         if "smooth" not in self._basis:
             k = self.n_ctrl
-            perm = self._split_operators((2, 2))["perm"]
+            perm = self._split_perm()
 
             def smooth(v):
                 return control_smoothness(tps.split_params(v[None], k)[1])[0]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, tps
 from .config import DATASET_MODELS, MATCHER_PRESETS, LocalizerConfig, MatcherConfig
 from .matcher import Matcher
 
@@ -112,11 +112,10 @@ def matcher_val_dice(model: Matcher, moving: torch.Tensor, fixed: torch.Tensor,
     dices, ious, folds = [], [], []
     for i in range(0, len(moving), bs):
         m, f = moving[i:i + bs], fixed[i:i + bs]
-        params = model.predict(m, f)
-        folds.append((jacobian_det(model.grid(params, tuple(f.shape[-2:]))) <= 0).float()
-                     .mean((1, 2)))
+        grid = model.grid(model.predict(m, f), tuple(f.shape[-2:]))
+        folds.append((jacobian_det(grid) <= 0).float().mean((1, 2)))
         # part-labelled masks are scored on the whole silhouette (the union of the parts)
-        w = model.warp(m, params).sum(1, keepdim=True) > 0.5
+        w = tps.warp_image(m, grid).sum(1, keepdim=True) > 0.5
         f = f.sum(1, keepdim=True) > 0.5
         inter = (w & f).sum((1, 2, 3)).float()
         s = w.sum((1, 2, 3)).float() + f.sum((1, 2, 3)).float()
@@ -496,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-margin", type=float, default=None,
                    help="folding penalty is relu(margin − det J) (default: the preset's)")
     p.add_argument("--passes", type=int, default=None,
-                   help="matcher cascade passes at inference (default 3; matcher-full 1)")
+                   help="matcher cascade passes at inference (default: the preset's; "
+                        "matcher-full 1)")
     p.add_argument("--cascade", type=float, default=0.5,
                    help="share of each matcher batch pre-warped by the model itself")
     p.add_argument("--parts", action="store_true",

@@ -1,25 +1,15 @@
 """The STN of the paper's Table 2: two stacked masks in, TPS parameters out."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import refine as _refine
 from . import tps
 from .coords import identity_grid
 from .config import MatcherConfig
 from .losses import control_smoothness, matcher_loss
-
-
-def _jacobian_kernel(h: int, w: int) -> torch.Tensor:
-    """(4, 2, 2, 2) convolution weights that turn a grid (B, 2, H, W) in normalised units into
-    the forward differences of ``losses.jacobian_det`` in pixels, (B, 4, H−1, W−1): channels
-    d(x)/dx, d(y)/dy, d(y)/dx, d(x)/dy, so det J = ch0·ch1 − ch2·ch3."""
-    k = torch.zeros(4, 2, 2, 2)
-    along_x = torch.tensor([[-1.0, 1.0], [0.0, 0.0]])
-    along_y = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
-    k[0, 0], k[1, 1] = along_x * (w / 2), along_y * (h / 2)
-    k[2, 1], k[3, 0] = along_x * (h / 2), along_y * (w / 2)
-    return k
 
 
 class FlowUNet(nn.Module):
@@ -184,98 +174,59 @@ class Matcher(nn.Module):
         """Test-time refinement: a few Adam steps on the TPS parameters of each pair, from the
         network's prediction, minimising the training loss. Trades milliseconds for Dice.
 
-        moving, fixed: (B, C, S, S) masks in [0, 1]; params: (B, P) start (default: predicted);
+        moving: (B, C, h, w) masks in [0, 1]; fixed: (B, C, H, W), any size (the loss is judged
+        at the fixed mask's pixels); params: (B, P) start (default: predicted);
         lr: Adam's step size (default ``cfg.refine_lr``).
         Returns refined params (B, P), detached. Each pair is optimised independently (the loss
-        is a sum over the batch).
+        is a sum over the batch). The loop is :func:`registration.refine.refine` (NumPy).
         """
-        with torch.no_grad():
-            p0 = self.predict(moving, fixed) if params is None else params.float()
+        p0 = self.predict(moving, fixed) if params is None else params.float()
         if steps <= 0:
             return p0
-        lr = self.cfg.refine_lr if lr is None else float(lr)
-        h, w = int(fixed.shape[-2]), int(fixed.shape[-1])
-        ops = self._split_operators((h, w))
-        mov, fix = moving.float().contiguous(), fixed.float()
-        lam, mu, margin = self.cfg.smooth_weight, self.cfg.fold_weight, self.cfg.fold_margin
-        b, eps = len(p0), 1e-6
-        fix_sum = fix.sum((1, 2, 3)) + eps
-        g_det_value = -mu / ((h - 1) * (w - 1))      # d/d det of μ·mean(relu(margin − det))
+        for name, t in (("moving", moving), ("fixed", fixed)):
+            if t.ndim != 4 or t.shape[:2] != (len(p0), self.cfg.mask_channels):
+                raise ValueError(f"{name}: expected (B={len(p0)}, {self.cfg.mask_channels}, H, W), "
+                                 f"got {tuple(t.shape)}")
+        size = (int(fixed.shape[-2]), int(fixed.shape[-1]))
         sup = max(1, int(self.cfg.fold_supersample))
-        if sup > 1:
-            fops = self._split_operators((sup * h, sup * w))
-            g_det_value_f = -mu / ((sup * h - 1) * (sup * w - 1))
-            base_f = fops["base"].repeat(len(p0), 1)
-        b1, b2, e_adam = 0.9, 0.999, 1e-8             # Adam, written out
-        # Work in (x, y)-split parameters: x' = [x, y, 1, U(x, c_k)]·(a_x0, a_x1, a_x2, d_kx),
-        # and the same operator gives y', so one small matrix serves both coordinates
-        perm, basis, quad = ops["perm"], ops["basis"], self._smoothness_form()
-        p = p0.detach()[:, perm].contiguous()
-        base = ops["base"].repeat(b, 1)                # (2B, HW): x, y rows per item
-        m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
-        for t in range(1, steps + 1):
-            # The loss's gradient, written out (an autograd graph is most of the cost at these
-            # sizes); the sampler's exact derivative comes from grid_sample's own backward.
-            g2 = torch.addmm(base, p.view(2 * b, -1), basis).view(b, 2, h, w)
-            grid = g2.permute(0, 2, 3, 1)
-            warped = nn.functional.grid_sample(mov, grid, mode="bilinear",
-                                               padding_mode="zeros", align_corners=False)
-            inter = (warped * fix).sum((1, 2, 3))
-            denom = warped.sum((1, 2, 3)) + fix_sum
-            # d(−Dice)/d(warped) with Dice = (2·I + ε) / (Σw + Σf + ε)
-            g_w = torch.addcmul(((2 * inter + eps) / denom.square()).view(-1, 1, 1, 1),
-                                (2 / denom).view(-1, 1, 1, 1), fix, value=-1)
-            _, g_grid = torch.ops.aten.grid_sampler_2d_backward(
-                g_w.expand_as(warped).contiguous(), mov, grid, 0, 0, False, [False, True])
-            g_grid = g_grid.permute(0, 3, 1, 2)
-            if mu and sup == 1:
-                g_grid = g_grid + self._fold_grad(g2, ops, margin, g_det_value)
-            g = torch.mm(g_grid.reshape(2 * b, -1), ops["basis_t"]).view(b, -1)
-            if mu and sup > 1:
-                # folding judged on a grid `sup` times finer than the pixels, where creases
-                # narrower than a pixel show (README, "Sub-pixel folding")
-                gf = torch.addmm(base_f, p.view(2 * b, -1), fops["basis"]).view(
-                    b, 2, sup * h, sup * w)
-                g.view(2 * b, -1).addmm_(
-                    self._fold_grad(gf, fops, margin, g_det_value_f).reshape(2 * b, -1),
-                    fops["basis_t"])
-            g.addmm_(p, quad, alpha=2 * lam)
-            m1.mul_(b1).add_(g, alpha=1 - b1)
-            m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-            den = (m2 / (1 - b2 ** t)).sqrt_().add_(e_adam)
-            p.addcdiv_(m1, den, value=-lr / (1 - b1 ** t))
-        return p[:, ops["unperm"]].contiguous()
+        perm, unperm, quad = self._refine_consts()
+        p = _refine.refine(
+            moving.detach().float().cpu().numpy(), fixed.detach().float().cpu().numpy(),
+            p0.detach().cpu().numpy()[:, perm], self._warp_ops(size), quad, int(steps),
+            self.cfg.refine_lr if lr is None else float(lr), self.cfg.smooth_weight,
+            self.cfg.fold_weight, self.cfg.fold_margin,
+            self._warp_ops((sup * size[0], sup * size[1])) if sup > 1 else None)
+        return torch.from_numpy(p[:, unperm]).to(p0.device)
 
-    @staticmethod
-    def _fold_grad(g2: torch.Tensor, ops: dict, margin: float, g_det_value: float
-                   ) -> torch.Tensor:
-        """Gradient of μ·mean(relu(margin − det J)) with respect to a grid (B, 2, H, W) in
-        normalised units: the forward-difference Jacobian in pixels (as losses.jacobian_det)
-        is one fixed 2×2 convolution of the grid, and its adjoint carries the gradient back.
-        ``g_det_value`` = −μ / (number of det entries)."""
-        diff = ops["diff"]
-        jx, jy, jyx, jxy = nn.functional.conv2d(g2, diff).unbind(1)
-        low = (jx * jy - jyx * jxy) < margin
-        if not low.any():                   # most steps: nowhere near folding, no gradient
-            return torch.zeros_like(g2)
-        gd = low.to(g2.dtype).mul_(g_det_value)
-        g_j = torch.stack([jy, jx, jxy, jyx], 1).mul_(ops["sign"]).mul_(gd[:, None])
-        return nn.functional.conv_transpose2d(g_j, diff)
+    def _refine_consts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Split order and its inverse as NumPy indices, and the smoothness form Q (cached)."""
+        if "refine" not in self._basis:
+            perm = self._split_perm()
+            self._basis["refine"] = (perm.numpy(), torch.argsort(perm).numpy(),
+                                     self._smoothness_form().numpy())
+        return self._basis["refine"]
+
+    def _warp_ops(self, size: tuple[int, int]) -> _refine.WarpOps:
+        """:meth:`_split_operators` as NumPy arrays, for :mod:`registration.refine` (cached)."""
+        key = ("numpy", size)
+        if key not in self._basis:
+            ops = self._split_operators(size)
+            self._basis[key] = _refine.WarpOps(ops["basis"].cpu().numpy(),
+                                               ops["basis_t"].cpu().numpy(),
+                                               ops["base"].cpu().numpy(), size)
+        return self._basis[key]
 
     def _split_operators(self, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Cached operators of the warp for one output size (H, W), in (x, y)-split parameter
-        order (``perm``: the x-parameters a_x0, a_x1, a_x2, d_1x … d_Kx, then the same for y;
-        ``unperm`` undoes it):
+        order (``perm``: the x-parameters a_x0, a_x1, a_x2, d_1x … d_Kx, then the same for y):
 
         basis (3 + K, HW) with x' − x = p_x·basis and y' − y = p_y·basis (rows: x, y, 1 of
         the affine part, then the K spline basis functions), and basis_t, its transpose;
-        base (2, HW), the identity grid's x and y rows; diff and sign, the Jacobian's
-        difference kernel (:func:`_jacobian_kernel`) and the signs of d det / d entries.
+        base (2, HW), the identity grid's x and y rows.
         """
         key = ("split", size)
         if key not in self._basis:
             h, w = size
-            k = self.n_ctrl
             pts = identity_grid(size, dtype=torch.float64, device=self.ctrl.device).reshape(-1, 2)
             basis = torch.cat([pts.T, torch.ones(1, h * w, dtype=torch.float64),
                                self.basis(size, torch.float64).T], 0)
@@ -283,9 +234,7 @@ class Matcher(nn.Module):
             self._basis[key] = {"basis": basis.float().contiguous(),
                                 "basis_t": basis.T.float().contiguous(),
                                 "base": pts.T.float().contiguous(),
-                                "perm": perm, "unperm": torch.argsort(perm),
-                                "diff": _jacobian_kernel(h, w),
-                                "sign": torch.tensor([1.0, 1.0, -1.0, -1.0]).view(4, 1, 1)}
+                                "perm": perm}
         return self._basis[key]
 
     def _split_perm(self) -> torch.Tensor:

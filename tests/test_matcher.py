@@ -166,3 +166,21 @@ def test_cached_grid_equals_the_tps_grid():
     p64 = p.double().requires_grad_(True)                 # differentiable, any float dtype
     model.grid(p64, (9, 9)).sum().backward()
     assert p64.grad is not None and p64.grad.dtype == torch.float64
+
+
+def test_refinement_of_a_batch_split_over_threads_equals_one_pair_at_a_time():
+    torch.manual_seed(1)
+    model = Matcher(MatcherConfig(grid_size=4, fold_weight=2.0, fold_margin=0.3))
+    moving = (torch.rand(17, 1, 28, 28) > 0.6).float()
+    fixed = (torch.rand(17, 1, 28, 28) > 0.6).float()
+    p0 = torch.randn(17, tps.n_params(4)) * 0.1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = model.refine(moving, fixed, p0, steps=4)          # 17 pairs over 2 threads
+    finally:
+        torch.set_num_threads(before)
+    one = torch.cat([model.refine(moving[i:i + 1], fixed[i:i + 1], p0[i:i + 1], steps=4)
+                     for i in range(17)])
+    assert (batch - p0).abs().max() > 0.01
+    assert torch.equal(batch, one)

@@ -212,7 +212,6 @@ class Matcher(nn.Module):
         if key not in self._basis:
             ops = self._split_operators(size)
             self._basis[key] = _refine.WarpOps(ops["basis"].cpu().numpy(),
-                                               ops["basis_t"].cpu().numpy(),
                                                ops["base"].cpu().numpy(), size)
         return self._basis[key]
 
@@ -221,7 +220,7 @@ class Matcher(nn.Module):
         order (``perm``: the x-parameters a_x0, a_x1, a_x2, d_1x … d_Kx, then the same for y):
 
         basis (3 + K, HW) with x' − x = p_x·basis and y' − y = p_y·basis (rows: x, y, 1 of
-        the affine part, then the K spline basis functions), and basis_t, its transpose;
+        the affine part, then the K spline basis functions);
         base (2, HW), the identity grid's x and y rows.
         """
         key = ("split", size)
@@ -232,7 +231,6 @@ class Matcher(nn.Module):
                                self.basis(size, torch.float64).T], 0)
             perm = self._split_perm()
             self._basis[key] = {"basis": basis.float().contiguous(),
-                                "basis_t": basis.T.float().contiguous(),
                                 "base": pts.T.float().contiguous(),
                                 "perm": perm}
         return self._basis[key]

@@ -34,28 +34,55 @@ MIN_PAIRS_PER_THREAD = 8       # below this a batch runs on the calling thread
 class WarpOps:
     """The linear warp for one output size (H, W), float32.
 
-    basis: (3 + K, H·W); basis_t: its transpose, contiguous; base: (2, H·W), the identity
+    basis: (3 + K, H·W); base: (2, H·W), the identity
     grid's x and y rows in normalised units."""
     basis: np.ndarray
-    basis_t: np.ndarray
     base: np.ndarray
     size: tuple[int, int]
 
 
-_jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+# the products below may reassociate their sums (vectorised); no BLAS: OpenBLAS's own threads
+# spin after each call and took the cores from PyTorch's (the MNIST pipeline ran 2× slower)
+_jit_sums = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
 
 
-@_jit
+@_jit_sums
 def _grid(p, basis, base, out):
     """out (2, N) = p (2, R) @ basis (R, N) + base (2, N)."""
-    out[:] = np.dot(p, basis)
-    out += base
+    o0, o1 = out[0], out[1]
+    o0[:] = base[0]
+    o1[:] = base[1]
+    for r in range(basis.shape[0]):
+        a, b = p[0, r], p[1, r]
+        row = basis[r]
+        for k in range(out.shape[1]):
+            o0[k] += a * row[k]
+            o1[k] += b * row[k]
 
 
-@_jit
-def _pull_back(g_grid, basis_t, out):
-    """out (2, R) += g_grid (2, N) @ basis_t (N, R): the grid's gradient → the parameters'."""
-    out += np.dot(g_grid, basis_t)
+@_jit_sums
+def _pull_back(g_grid, basis, out):
+    """out (2, R) += g_grid (2, N) @ basis (R, N)ᵀ: the grid's gradient → the parameters'."""
+    g0, g1 = g_grid[0], g_grid[1]
+    for r in range(basis.shape[0]):
+        row = basis[r]
+        s0, s1 = np.float32(0.0), np.float32(0.0)
+        for k in range(g_grid.shape[1]):
+            s0 += g0[k] * row[k]
+            s1 += g1[k] * row[k]
+        out[0, r] += s0
+        out[1, r] += s1
+
+
+@_jit_sums
+def _add_matvec(scale, a, x, out):
+    """out (P,) += scale · a (P, P) @ x (P,)."""
+    for i in range(a.shape[0]):
+        s = np.float32(0.0)
+        for j in range(a.shape[1]):
+            s += a[i, j] * x[j]
+        out[i] += scale * s
 
 
 @_jit
@@ -111,8 +138,8 @@ def _fold_grad(grid, h, w, margin, weight, out):
 
 
 @_jit
-def _refine_pair(moving, fixed, p, basis, basis_t, base, h, w, quad, smooth2, steps, lr,
-                 fold_weight, fold_margin, f_basis, f_basis_t, f_base, hf, wf, fine):
+def _refine_pair(moving, fixed, p, basis, base, h, w, quad, smooth2, steps, lr,
+                 fold_weight, fold_margin, f_basis, f_base, hf, wf, fine):
     """Adam on one pair's parameters p (2, R) in place. moving (C, h_in, w_in); fixed (C, N)."""
     n_ch, n = fixed.shape
     r = p.shape[1]
@@ -155,13 +182,13 @@ def _refine_pair(moving, fixed, p, basis, basis_t, base, h, w, quad, smooth2, st
         if fold_weight != 0.0 and not fine:
             _fold_grad(grid, h, w, fold_margin, fold_weight, g_grid)
         g[:] = 0.0
-        _pull_back(g_grid, basis_t, g)
+        _pull_back(g_grid, basis, g)
         if fold_weight != 0.0 and fine:        # folding judged on a finer grid than the pixels
             _grid(p, f_basis, f_base, fine_grid)
             fine_g[:] = 0.0
             _fold_grad(fine_grid, hf, wf, fold_margin, fold_weight, fine_g)
-            _pull_back(fine_g, f_basis_t, g)
-        flat_g += smooth2 * np.dot(quad, flat_p)          # + 2·λ·Q·p
+            _pull_back(fine_g, f_basis, g)
+        _add_matvec(smooth2, quad, flat_p, flat_g)         # + 2·λ·Q·p
         c1 = lr / (1 - b1 ** t)
         c2 = 1 / (1 - b2 ** t)
         for i in range(2 * r):
@@ -194,9 +221,9 @@ def refine(moving: np.ndarray, fixed: np.ndarray, params: np.ndarray, ops: WarpO
 
     def run(items: range) -> None:
         for i in items:
-            _refine_pair(mov[i], fix[i], p[i], ops.basis, ops.basis_t, ops.base, h, w, quad,
+            _refine_pair(mov[i], fix[i], p[i], ops.basis, ops.base, h, w, quad,
                          np.float32(2 * smooth_weight), int(steps), float(lr), float(fold_weight),
-                         float(fold_margin), fine.basis, fine.basis_t, fine.base, fine.size[0],
+                         float(fold_margin), fine.basis, fine.base, fine.size[0],
                          fine.size[1], fold_ops is not None)
 
     # the compiled loop releases the GIL: split a batch over torch's thread count

@@ -150,19 +150,36 @@ def _scores(warped, fixed, disps=None) -> dict:
 
 def run_classical(key: str, mov, fix, params: dict) -> dict:
     fn = FUNCS[key]
-    warped, disps, times = [], [], []
-    for i, (m, f) in enumerate(zip(mov, fix)):
-        t0 = time.perf_counter()
+    warped, disps = [], []
+    for m, f in zip(mov, fix):
         w, u = fn(m, f, **params)
-        times.append(time.perf_counter() - t0)
         warped.append(w)
         disps.append(u)
     res = _scores(warped, fix, disps)
-    res.update(ms_per_pair=statistics.median(times) * 1e3, params=params)
+    res.update(params=params)
     return res
 
 
-def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64, 256)) -> dict:
+def interleaved_ms(fns: dict, n: int = 200, warm: int = 5) -> dict[str, float]:
+    """Median ms of each ``fns[name](i)`` on pairs i = 0 … n−1, the methods taking turns on
+    each pair (after ``warm`` warm-up rounds), so that every method meets the same machine:
+    single-pair times here drift by 2× over minutes (other tenants of the host), which made
+    methods timed one after another in separate loops incomparable."""
+    for i in range(warm):
+        for fn in fns.values():
+            fn(i)
+    times = {k: [] for k in fns}
+    for i in range(n):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64, 256)):
+    """Scores and batch throughput of one learned row, and ``go(i)``: the row on pair i alone
+    (for :func:`interleaved_ms`)."""
     m = torch.from_numpy(mov).float().unsqueeze(1)
     f = torch.from_numpy(fix).float().unsqueeze(1)
 
@@ -172,35 +189,26 @@ def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64
         if steps:
             p = model.refine(mm, ff, p, steps=steps)
         with torch.no_grad():
-            return (model.warp(mm, p) > 0.5)[:, 0], model.grid(p, (28, 28))
+            return (model.warp(mm, p) > 0.5)[:, 0], p
 
     warped, grids = [], []
     for i in range(0, len(m), 256):
-        w, g = go(m[i:i + 256], f[i:i + 256])
+        w, p = go(m[i:i + 256], f[i:i + 256])
         warped.append(w.numpy())
-        grids.append(g.numpy())
+        grids.append(model.grid(p, (28, 28)).numpy())
     warped, grids = np.concatenate(warped), np.concatenate(grids)
     res = _scores(warped, fix, [metrics.grid_to_displacement(g) for g in grids])
-    res.update(_time_learned(go, m, f, batch_sizes))
-    return res
+    res.update(_batch_throughput(go, m, f, batch_sizes))
+    return res, lambda i: go(m[i:i + 1], f[i:i + 1])
 
 
-def _time_learned(go, m: torch.Tensor, f: torch.Tensor, batch_sizes=(64, 256),
-                  warm_batches: bool = False) -> dict:
-    """Median ms of ``go`` on one pair (200 pairs after 10 warm-up calls) and pairs/s in each
-    batch size (after one warm-up batch if ``warm_batches``)."""
-    for i in range(10):
-        go(m[i:i + 1], f[i:i + 1])
-    times = []
-    for i in range(min(len(m), 200)):
-        t0 = time.perf_counter()
-        go(m[i:i + 1], f[i:i + 1])
-        times.append(time.perf_counter() - t0)
-    out = {"ms_per_pair": statistics.median(times) * 1e3}
+def _batch_throughput(go, m: torch.Tensor, f: torch.Tensor, batch_sizes=(64, 256)) -> dict:
+    """Pairs/s of ``go`` in each batch size, over as many whole batches as the pairs fill,
+    after one warm-up batch."""
+    out = {}
     for bs in batch_sizes:
         n = (len(m) // bs) * bs or len(m)
-        if warm_batches:
-            go(m[:bs], f[:bs])
+        go(m[:bs], f[:bs])
         t0 = time.perf_counter()
         for i in range(0, n, bs):
             go(m[i:i + bs], f[i:i + bs])
@@ -209,9 +217,10 @@ def _time_learned(go, m: torch.Tensor, f: torch.Tensor, batch_sizes=(64, 256),
 
 
 def speed(model, mov, fix, threads=(1, 2), steps=(0,) + REFINE_STEPS) -> list[dict]:
-    """The learned matcher's speed alone: median ms for one pair (200 pairs after 10 warm-up
-    calls) and pairs/s in batches of 64 and 256, with 1 and 2 torch threads; model load and
-    warm-up excluded, ``torch.inference_mode`` around the network, warp included."""
+    """The learned matcher's speed alone, with 1 and 2 torch threads: median ms for one pair
+    (200 pairs, taking turns with SimpleITK demons on the same pairs, see
+    :func:`interleaved_ms`) and pairs/s in batches of 64 and 256; model load and warm-up
+    excluded, ``torch.inference_mode`` around the network, warp included."""
     m = torch.from_numpy(mov).float().unsqueeze(1)
     f = torch.from_numpy(fix).float().unsqueeze(1)
 
@@ -227,9 +236,14 @@ def speed(model, mov, fix, threads=(1, 2), steps=(0,) + REFINE_STEPS) -> list[di
     before = torch.get_num_threads()
     for t in threads:
         torch.set_num_threads(t)
+        fns = {k: (lambda i, k=k: go(m[i:i + 1], f[i:i + 1], k)) for k in steps}
+        fns["demons"] = lambda i: sitk_demons(mov[i], fix[i], **PARAMS["sitk_demons"])
+        ms = interleaved_ms(fns, n=min(200, len(mov)))
         for k in steps:
-            timing = _time_learned(lambda mm, ff: go(mm, ff, k), m, f, warm_batches=True)
-            out.append({"threads": t, "refine_steps": k, **timing})
+            out.append({"threads": t, "refine_steps": k, "ms_per_pair": ms[k],
+                        "demons_ms_per_pair": ms["demons"],
+                        "times_faster_than_demons": ms["demons"] / ms[k],
+                        **_batch_throughput(lambda mm, ff: go(mm, ff, k), m, f)})
     torch.set_num_threads(before)
     return out
 
@@ -245,8 +259,10 @@ def tune(n: int = 100, only=None) -> None:
         best = None
         for values in itertools.product(*grid.values()):
             params = dict(zip(grid.keys(), values))
+            t0 = time.perf_counter()
             r = run_classical(key, mov, fix, params)
-            print(f"{key:14s} {params} Dice {r['dice']:.4f} {r['ms_per_pair']:.1f} ms", flush=True)
+            ms = (time.perf_counter() - t0) * 1e3 / len(mov)
+            print(f"{key:14s} {params} Dice {r['dice']:.4f} {ms:.1f} ms", flush=True)
             if best is None or r["dice"] > best[0] + 1e-3:
                 best = (r["dice"], params)
         print(f"best {key}: {best[1]} (Dice {best[0]:.4f})\n", flush=True)
@@ -299,36 +315,40 @@ def end_to_end(n: int, seed: int, skip_slow: bool, n_frames: int) -> dict:
     test = scenes.test_scenes(n, seed)
     pipe = Pipeline.from_pretrained("mnist")
     rows = {}
-    # this project's pipeline, at its default refinement and without (warm up first)
+    # this project's pipeline at its default refinement and without, and the classical
+    # pipeline, taking turns on each scene (see interleaved_ms; warm-up first)
+    default = (f"this pipeline (SSD + TPS matcher, {pipe.refine_steps} refinement steps, the "
+               f"default)")
+    runs = {default: lambda s: pipe.register(s.moving, s.fixed).warped_mask_full,
+            "this pipeline, no refinement":
+                lambda s: pipe.register(s.moving, s.fixed, refine_steps=0).warped_mask_full,
+            "NCC template matching + demons":
+                lambda s: classical_pipeline(s, PARAMS["sitk_demons"])}
     for s in test[:5]:
-        pipe.register(s.moving, s.fixed)
-    for label, steps in ((f"this pipeline (SSD + TPS matcher, {pipe.refine_steps} refinement "
-                          f"steps, the default)", pipe.refine_steps),
-                         ("this pipeline, no refinement", 0)):
-        d, j, times = [], [], []
-        for s in test:
+        for fn in runs.values():
+            fn(s)
+    out = {k: {"d": [], "j": [], "t": [], "det": []} for k in runs}
+    for s in test:
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             try:
-                w = pipe.register(s.moving, s.fixed, refine_steps=steps).warped_mask_full
+                w = fn(s)
             except RegistrationError:
                 w = np.zeros_like(s.target_mask)
-            times.append(time.perf_counter() - t0)
-            d.append(metrics.dice(w, s.target_mask))
-            j.append(metrics.iou(w, s.target_mask))
-        rows[label] = {"dice": float(np.mean(d)), "iou": float(np.mean(j)),
-                       "ms_per_pair": statistics.median(times) * 1e3}
-    # classical pipeline
-    d, j, times, det = [], [], [], []
-    for s in test:
-        t0 = time.perf_counter()
-        w, box = classical_pipeline(s, PARAMS["sitk_demons"])
-        times.append(time.perf_counter() - t0)
-        d.append(metrics.dice(w, s.target_mask))
-        j.append(metrics.iou(w, s.target_mask))
-        det.append(metrics.box_dice(box, s.box))
-    rows["NCC template matching + demons"] = {
-        "dice": float(np.mean(d)), "iou": float(np.mean(j)), "detection_dice": float(np.mean(det)),
-        "ms_per_pair": statistics.median(times) * 1e3}
+            out[name]["t"].append(time.perf_counter() - t0)
+            if isinstance(w, tuple):                 # the classical pipeline: (mask, box)
+                w, box = w
+                out[name]["det"].append(metrics.box_dice(box, s.box))
+            out[name]["d"].append(metrics.dice(w, s.target_mask))
+            out[name]["j"].append(metrics.iou(w, s.target_mask))
+    for name, o in out.items():
+        rows[name] = {"dice": float(np.mean(o["d"])), "iou": float(np.mean(o["j"])),
+                      "ms_per_pair": statistics.median(o["t"]) * 1e3}
+        if o["det"]:
+            rows[name]["detection_dice"] = float(np.mean(o["det"]))
+    classical_ms = rows["NCC template matching + demons"]["ms_per_pair"]
+    for name in (default, "this pipeline, no refinement"):
+        rows[name]["times_faster_than_classical"] = classical_ms / rows[name]["ms_per_pair"]
     # without localization: each matcher on the whole 112×112 frames
     frames = [full_frame_masks(s.moving, s.fixed) for s in test[:n_frames]]
     keys = ["sitk_affine", "sitk_demons", "tvl1"] + ([] if skip_slow else ["sitk_bspline"])
@@ -390,41 +410,58 @@ def main(argv=None) -> None:
     mov, fix = mnist.eval_pairs(args.pairs, args.seed)
     res = {"no warp (identity)": {**_scores(mov, fix, [np.zeros((28, 28, 2))] * len(mov)),
                                   "ms_per_pair": 0.0}}
+    single = {}                       # name → the method on pair i alone, for the timing pass
     for name, key in CLASSICAL.items():
         print(f"{name} …", flush=True)
         res[name] = run_classical(key, mov, fix, PARAMS[key])
-    model = checkpoint.load("mnist", "matcher")
+        single[name] = lambda i, key=key: FUNCS[key](mov[i], fix[i], **PARAMS[key])
+    # channels-last, as the pipeline runs the networks (~15 % faster convolutions here)
+    model = checkpoint.load("mnist", "matcher").eval().to(memory_format=torch.channels_last)
     # the previous default, the paper's regressor design with an 8×8 grid: its one pass is the
     # "single-step STN" row (the 4×4 paper preset does not train, README), its 3-pass cascade
+    learned = []
     prev = checkpoint.try_load("mnist", "matcher-cascade")
     if prev is not None:
-        res["paper's design: one STN pass (8×8 TPS regressor)"] = run_learned(prev, mov, fix, 0, 1)
-        res["previous matcher: 8×8 regressor, 3 passes"] = run_learned(prev, mov, fix, 0, 3)
-    res["this matcher: flow U-Net → 12×12 TPS, one pass"] = run_learned(model, mov, fix, 0, 1)
-    for k in REFINE_STEPS:
-        res[f"this matcher + {k} refinement steps"] = run_learned(model, mov, fix, k, 1)
+        prev = prev.eval().to(memory_format=torch.channels_last)
+        learned += [("paper's design: one STN pass (8×8 TPS regressor)", prev, 0, 1),
+                    ("previous matcher: 8×8 regressor, 3 passes", prev, 0, 3)]
+    learned += [("this matcher: flow U-Net → 12×12 TPS, one pass", model, 0, 1)]
+    learned += [(f"this matcher + {k} refinement steps", model, k, 1) for k in REFINE_STEPS]
+    for name, net, k, passes in learned:
+        print(f"{name} …", flush=True)
+        res[name], single[name] = run_learned(net, mov, fix, k, passes)
+    print("timing one pair at a time, the methods taking turns …", flush=True)
+    for name, ms in interleaved_ms(single, n=min(200, len(mov))).items():
+        res[name]["ms_per_pair"] = ms
+    demons_ms = res["SimpleITK diffeomorphic demons"]["ms_per_pair"]
     rows = []
     for name, r in res.items():
         rows.append([name, r["dice"], r["iou"], r["hd95_mean_finite"],
                      f"{100 * r.get('folding_pixels', 0):.2f} % / {100 * r.get('folding_pairs', 0):.0f} %",
                      f"{r['ms_per_pair']:.2f}",
+                     f"{demons_ms / r['ms_per_pair']:.0f}×" if r["ms_per_pair"] > 0 else "—",
                      f"{r['pairs_per_s_batch256']:,.0f}" if "pairs_per_s_batch256" in r else "—"])
     table = _table(["method", "Dice", "IoU", "HD95 px (mean)", "folding: pixels / pairs",
-                    "ms / pair", "pairs/s (batch 256)"], rows)
+                    "ms / pair", "speed vs demons", "pairs/s (batch 256)"], rows)
     print(f"\n{args.pairs} held-out MNIST mask pairs, {args.threads} threads\n")
     print(table)
     sp = speed(model, mov, fix)
     speed_table = _table(["threads", "refinement steps", "ms / pair (1 pair)",
+                          "demons ms / pair (same turns)", "speed vs demons",
                           "pairs/s (batch 64)", "pairs/s (batch 256)"],
                          [[r["threads"], r["refine_steps"], f"{r['ms_per_pair']:.2f}",
+                           f"{r['demons_ms_per_pair']:.1f}",
+                           f"{r['times_faster_than_demons']:.0f}×",
                            f"{r['pairs_per_s_batch64']:,.0f}",
                            f"{r['pairs_per_s_batch256']:,.0f}"] for r in sp])
-    demons_ms = res["SimpleITK diffeomorphic demons"]["ms_per_pair"]
-    print(f"\nThe learned matcher's speed (demons: {demons_ms:.1f} ms / pair in this run)\n")
+    print("\nThe learned matcher's speed, taking turns with demons on 200 pairs\n")
     print(speed_table)
     e2e = end_to_end(args.scenes, args.seed, args.skip_slow, args.frames) if args.scenes else {}
-    e2e_table = _table(["method", "matching Dice", "matching IoU", "ms / pair"],
-                       [[k, v["dice"], v["iou"], f"{v['ms_per_pair']:.1f}"]
+    e2e_table = _table(["method", "matching Dice", "matching IoU", "ms / pair",
+                        "speed vs the classical pipeline"],
+                       [[k, v["dice"], v["iou"], f"{v['ms_per_pair']:.1f}",
+                         f"{v['times_faster_than_classical']:.1f}×"
+                         if "times_faster_than_classical" in v else ""]
                         for k, v in e2e.items()])
     if e2e:
         print(f"\nEnd to end, {args.scenes} held-out 112×112 scenes\n")

@@ -393,6 +393,9 @@ def build(cfg) -> "torch.nn.Module":
     if cfg.kind == "segnet":
         from .segnet import SegNet
         return SegNet(cfg)
+    if cfg.kind == "verifier":
+        from .verify import Verifier
+        return Verifier(cfg)
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 

@@ -102,6 +102,9 @@ class DatasetConfig:
     # re-rank the SSD's top ``rerank`` boxes (after NMS) by how much the object segmented in
     # each looks like the moving object (Dice of the object-centric masks); 0 or 1 = top box
     rerank: int = 0
+    # re-rank with a learned same-object verifier (checkpoints/<name>/verifier) instead of
+    # the shape overlap
+    verifier: bool = False
     min_object_px: int = 4
     snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this
 
@@ -152,4 +155,18 @@ class SegNetConfig:
     kind: str = "segnet"
 
 
-CONFIGS = {"matcher": MatcherConfig, "localizer": LocalizerConfig, "segnet": SegNetConfig}
+@dataclass
+class VerifierConfig:
+    """Same-object verifier (registration.verify): two object-centric masks → one logit."""
+
+    input_size: int = 32          # the matcher's crop size for the data set
+    channels: tuple[int, ...] = (16, 32, 64)
+    hidden: int = 64
+    # 0: one network sees both masks and says "same" or not; n > 0: one network classifies
+    # each mask into the data set's n kinds and "same" is the chance both are the same kind
+    classes: int = 0
+    kind: str = "verifier"
+
+
+CONFIGS = {"matcher": MatcherConfig, "localizer": LocalizerConfig, "segnet": SegNetConfig,
+           "verifier": VerifierConfig}

@@ -468,10 +468,107 @@ def train_segmenter(args) -> dict:
                         "val_crops": int(len(val_i))}}
 
 
+# ---------------------------------------------------------------------------------------------
+# verifier (re-ranks the SSD's candidates)
+
+def train_verifier(args) -> dict:
+    """Samples from the pipeline's own candidates (top ``--rerank-k`` boxes after NMS) in
+    ``--pool`` training scenes, validation on ``--val-pairs`` validation scenes: the share of
+    scenes whose best-scored candidate is the target, against the shape overlap it replaces."""
+    from .config import VerifierConfig
+    from .pipeline import DATASETS, Pipeline
+    from .verify import Verifier, candidate_samples, verifier_loss
+    ds = DATASETS[args.dataset]
+    seg = checkpoint.load(args.dataset, "segmenter") if ds.segmenter == "learned" else None
+    pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
+                    checkpoint.load(args.dataset, "localizer"), dataset=ds, segmenter=seg)
+    t0 = time.time()
+    if args.classes:
+        if args.dataset != "silhouettes":
+            raise SystemExit("verifier --classes: only the silhouettes have kinds of object")
+        from .data import silhouettes as sil
+        from .verify import shape_samples
+        images, kinds = sil.rows("train")
+        row_masks, kinds = sil.masks(images), torch.from_numpy(kinds.astype(np.int64))
+        v_images, v_kinds = sil.rows("val")
+        v_shapes, v_rows = shape_samples(sil.masks(v_images), 1000, pipe.size,
+                                         ds.crop_margin, np.random.default_rng(args.seed + 1))
+        v_shapes, v_kinds = torch.from_numpy(v_shapes).float().unsqueeze(1), v_kinds[v_rows]
+        mov = cand = lab = None
+    else:
+        print(f"collecting candidates from {args.pool} training scenes …", flush=True)
+        mov, cand, lab, _ = candidate_samples(
+            pipe, scene_source(args.dataset, "train", args.seed, args).batch(args.pool),
+            args.rerank_k)
+    v_mov, v_cand, v_lab, v_own = candidate_samples(
+        pipe, scene_source(args.dataset, "val", args.seed + 1, args).batch(args.val_pairs),
+        args.rerank_k)
+    collect_s = time.time() - t0
+    t = lambda a: torch.from_numpy(a).float().unsqueeze(1)
+    if lab is not None:
+        print(f"{len(lab)} training samples ({lab.mean():.1%} positive), {len(v_lab)} "
+              f"validation, {collect_s / 60:.1f} min", flush=True)
+        mov, cand, lab = t(mov), t(cand), torch.from_numpy(lab)
+    v_mov, v_cand = t(v_mov), t(v_cand)
+    cfg = VerifierConfig(input_size=pipe.size, classes=args.classes)
+    torch.manual_seed(args.seed)
+    model = Verifier(cfg)
+    rng = np.random.default_rng(args.seed)
+
+    def batch_loss():
+        if args.classes:               # classify silhouettes drawn as the pipeline sees them
+            x, rows_ = shape_samples(row_masks, args.batch, cfg.input_size, ds.crop_margin, rng)
+            return torch.nn.functional.cross_entropy(model.classify(t(x)), kinds[rows_]), {}
+        idx = torch.from_numpy(rng.choice(len(lab), min(args.batch, len(lab)), replace=False))
+        m, c = mov[idx], cand[idx]
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)     # mirror both masks together
+        m[flip], c[flip] = m[flip].flip(-1), c[flip].flip(-1)
+        return verifier_loss(model, m, c, lab[idx]), {}
+
+    def shape_overlap(m, c):
+        m, c = m > 0.5, c > 0.5
+        return 2 * (m & c).sum((1, 2, 3)).float() / (m.sum((1, 2, 3)) + c.sum((1, 2, 3))
+                                                     ).float().clamp_min(1)
+
+    def top1(scores) -> float:
+        """Share of validation scenes with a target candidate whose best candidate is it."""
+        best = {}
+        for s, y, i in zip(scores.tolist(), v_lab.tolist(), v_own.tolist()):
+            if i not in best or s > best[i][0]:
+                best[i] = (s, y)
+        has = {i for i, y in zip(v_own.tolist(), v_lab.tolist()) if y > 0.5}
+        return round(float(np.mean([best[i][1] for i in has])) if has else 0.0, 4)
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        logits = torch.cat([model(v_mov[k:k + 512], v_cand[k:k + 512])
+                            for k in range(0, len(v_mov), 512)])
+        model.train()
+        acc = ((logits > 0).float() == torch.from_numpy(v_lab)).float().mean()
+        out = {"val_accuracy": round(float(acc), 4), "val_top1": top1(logits),
+               "val_top1_shape_overlap": top1(shape_overlap(v_mov, v_cand))}
+        if args.classes:
+            model.eval()
+            kind = model.classify(v_shapes).argmax(1).numpy()
+            model.train()
+            out["val_class_accuracy"] = round(float((kind == v_kinds).mean()), 4)
+        return out
+
+    metrics = fit(model, batch_loss, validate, args, "train verifier", 1e-4)
+    return {"model": model, "cfg": cfg,
+            "metrics": {**metrics, "collect_s": round(collect_s, 1),
+                        **({} if args.classes else {"train_scenes": args.pool,
+                                                    "train_samples": int(len(lab))}),
+                        "val_scenes": args.val_pairs,
+                        "val_samples": int(len(v_lab))}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m registration.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["matcher", "matcher-full", "localizer", "segmenter"])
+    p.add_argument("model", choices=["matcher", "matcher-full", "localizer", "segmenter",
+                                      "verifier"])
     p.add_argument("--dataset", default="mnist", choices=["mnist", "silhouettes", "usct"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None,
@@ -509,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", type=float, default=None,
                    help="localizer: share of each batch painted anew (default: mnist 1, "
                         "silhouettes 0.25)")
+    p.add_argument("--rerank-k", type=int, default=8,
+                   help="verifier: SSD candidates per training scene")
+    p.add_argument("--classes", type=int, default=0,
+                   help="verifier: classify each mask into this many kinds (silhouettes: 10) "
+                        "instead of judging pairs")
     p.add_argument("--val-pairs", type=int, default=1000)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -530,7 +632,8 @@ def main(argv: list[str] | None = None) -> None:
     # (max steps, batch, lr, minutes)
     defaults = {"matcher": (100000, 128, 1e-3, 19), "matcher-full": (100000, 32, 1e-3, 6),
                 "localizer": (100000, 32, 2e-3, 25),
-                "segmenter": (100000, 48, 2e-3, 15)}[args.model]
+                "segmenter": (100000, 48, 2e-3, 15),
+                "verifier": (100000, 256, 1e-3, 6)}[args.model]
     if args.minutes is None and args.steps is None:
         args.minutes = defaults[3]
     args.steps = args.steps or defaults[0]
@@ -548,6 +651,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.dataset == "mnist":
             p.error("segmenter: MNIST is segmented by a threshold; use --dataset silhouettes")
         out = train_segmenter(args)
+    elif args.model == "verifier":
+        from .pipeline import DATASETS
+        if DATASETS[args.dataset].rerank <= 1:
+            p.error("verifier: only data sets whose pipeline re-ranks SSD candidates "
+                    "(silhouettes, usct)")
+        out = train_verifier(args)
     else:
         out = train_matcher(args, full=args.model == "matcher-full")
     metrics = out["metrics"]

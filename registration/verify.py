@@ -1,0 +1,169 @@
+"""Which of the SSD's candidate boxes shows the moving image's object? A learned verifier.
+
+On the silhouettes the query-conditioned SSD puts the target among its top 5 boxes in 92 % of
+held-out scenes but first in only 42 %: it finds animals, and it is unsure which one is the
+query's kind. Re-ranking its candidates by the overlap of the two object-centric masks barely
+helps (animals of different kinds overlap as much as two of one kind). This module learns the
+comparison instead: two object-centric masks (the moving object and the object segmented in
+one candidate box, S×S, as the pipeline crops them for the matcher) → one logit, "the same
+kind of object". Trained on the pipeline's own candidates in training scenes (labels from the
+target box), so it sees the segmentation errors it will meet.
+
+Network: the two masks stacked as channels, three levels of two 3×3 conv + ReLU and a 2×2
+max-pool (16-32-64 channels), a hidden layer and one logit (~100k parameters).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VerifierConfig
+
+POSITIVE_IOU = 0.5    # a candidate whose snapped box overlaps the target's this much is it
+NEGATIVE_IOU = 0.2    # … and one below this is not; those in between are left out of training
+
+
+class Verifier(nn.Module):
+    """moving, candidate: (B, 1, S, S) masks in [0, 1] → (B,) logits, "the same object".
+
+    ``cfg.classes == 0``: the two masks stacked as channels, one logit. ``cfg.classes = n``:
+    each mask classified into n kinds by one network (:meth:`classify`), and the logit of
+    Σ_k p_moving(k) · p_candidate(k), the chance that both are of one kind."""
+
+    def __init__(self, cfg: VerifierConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or VerifierConfig()
+        layers: list[nn.Module] = []
+        c_in = 1 if cfg.classes else 2
+        for c in cfg.channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        side = cfg.input_size // 2 ** len(cfg.channels)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, cfg.hidden),
+                                  nn.ReLU(inplace=True), nn.Linear(cfg.hidden, cfg.classes or 1))
+
+    def _check(self, name: str, t: torch.Tensor) -> None:
+        s = self.cfg.input_size
+        if t.ndim != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != (s, s):
+            raise ValueError(f"{name}: expected (B, 1, {s}, {s}), got {tuple(t.shape)}")
+
+    def classify(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) masks → (B, n) class logits (``cfg.classes = n`` only)."""
+        if not self.cfg.classes:
+            raise ValueError("classify: this verifier compares pairs (cfg.classes = 0)")
+        self._check("masks", masks)
+        return self.head(self.features(masks - 0.5))
+
+    def forward(self, moving: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        self._check("moving", moving)
+        self._check("candidate", candidate)
+        if self.cfg.classes:
+            p = torch.softmax(self.classify(torch.cat([moving, candidate])), 1)
+            same = (p[:len(moving)] * p[len(moving):]).sum(1).clamp(1e-6, 1 - 1e-6)
+            return torch.log(same) - torch.log1p(-same)
+        return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
+
+
+def box_iou(a, b) -> float:
+    """IoU of two xyxy boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@torch.no_grad()
+def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32):
+    """The pipeline's re-ranking inputs on scenes with known target boxes: moving and
+    candidate object-centric masks (N, S, S) bool, labels (N,) float (1: the candidate is the
+    target, by IoU of its snapped box with the target's box; ambiguous overlaps left out) and
+    the scene index of each (N,)."""
+    from .pipeline import RegistrationError
+    movs, cands, labels, owner = [], [], [], []
+    for start in range(0, len(scenes), batch):
+        chunk, prep = [], []
+        for s in scenes[start:start + batch]:      # scenes whose moving object is found
+            try:
+                prep += pipe._prepare([(s.moving, s.fixed)], [None], [None])
+                chunk.append(s)
+            except RegistrationError:
+                continue
+        if not chunk:
+            continue
+        f_t, q_t, lb = pipe._ssd_inputs(prep)
+        found = pipe.localizer.candidates(f_t, q_t, k)
+        mov, fix, own, _, _, snapped = pipe._candidate_crops(prep, found, lb)
+        for m, f, i, box in zip(mov, fix, own, snapped):
+            sc = prep[i]["scale"]
+            iou = box_iou([v / sc for v in box], chunk[i].box.tolist())
+            if NEGATIVE_IOU <= iou < POSITIVE_IOU:
+                continue
+            movs.append(m)
+            cands.append(f)
+            labels.append(float(iou >= POSITIVE_IOU))
+            owner.append(start + int(i))
+    s = pipe.size
+    if not movs:
+        e = np.zeros((0, s, s), bool)
+        return e, e, np.zeros(0, np.float32), np.zeros(0, int)
+    return (np.stack(movs), np.stack(cands), np.array(labels, np.float32), np.array(owner))
+
+
+def shape_samples(masks: np.ndarray, n: int, size: int, margin: float,
+                  rng: np.random.Generator, longest=(25.0, 58.0)) -> np.ndarray:
+    """n object-centric masks (n, size, size) bool made from random rows of ``masks`` (N, h, w)
+    as the pipeline would see them: the silhouette scaled so its longest side is ``longest``
+    px (the scenes' range), cut to the square of ``margin`` × its box, resampled to size², and
+    roughened like a segmentation (random 1-px dilation or erosion, a bite out of the outline,
+    a speck beside it, a mirror). Returns the masks and the rows drawn (n,)."""
+    import cv2
+
+    from .pipeline import crop_mask, mask_box, square_around
+    rows = rng.integers(len(masks), size=n)
+    out = np.zeros((n, size, size), bool)
+    k3 = np.ones((3, 3), np.uint8)
+    for j, r in enumerate(rows):
+        m = masks[r].astype(np.float32)
+        box = mask_box(m > 0.5)
+        if box is None:
+            continue
+        f = rng.uniform(*longest) / max(box[2] - box[0], box[3] - box[1])
+        h, w = m.shape
+        big = cv2.resize(m, (max(1, round(w * f)), max(1, round(h * f))),
+                         interpolation=cv2.INTER_LINEAR) > 0.5
+        u = rng.random(4)
+        if u[0] < 0.25:
+            big = cv2.dilate(big.astype(np.uint8), k3) > 0
+        elif u[0] < 0.5:
+            big = cv2.erode(big.astype(np.uint8), k3) > 0
+        ys, xs = np.nonzero(big)
+        if len(xs) == 0:
+            continue
+        if u[1] < 0.3:                       # a bite out of the object
+            i = rng.integers(len(xs))
+            cv2.circle(big.view(np.uint8), (int(xs[i]), int(ys[i])), int(rng.integers(2, 6)), 0, -1)
+        if u[2] < 0.3:                       # a speck of background beside it
+            i = rng.integers(len(xs))
+            cv2.circle(big.view(np.uint8), (int(xs[i] + rng.integers(-6, 7)),
+                                            int(ys[i] + rng.integers(-6, 7))),
+                       int(rng.integers(1, 4)), 1, -1)
+        b = mask_box(big)
+        if b is None:
+            continue
+        c = crop_mask(big, square_around(b, margin), size)
+        out[j] = c[:, ::-1] if u[3] < 0.5 else c
+    return out, rows
+
+
+def verifier_loss(model: Verifier, moving: torch.Tensor, candidate: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy, positives weighted to balance the classes in the batch."""
+    logits = model(moving, candidate)
+    pos = labels.mean().clamp(0.05, 0.95)
+    weight = torch.where(labels > 0.5, 0.5 / pos, 0.5 / (1 - pos))
+    return F.binary_cross_entropy_with_logits(logits, labels, weight=weight)

@@ -1,0 +1,74 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from registration import checkpoint, train
+from registration.config import VerifierConfig
+from registration.pipeline import DATASETS, RERANK_SCORE_WEIGHT, Pipeline
+from registration.verify import Verifier, box_iou, verifier_loss
+
+
+def test_box_iou_known_answers():
+    assert box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
+    assert box_iou([0, 0, 4, 4], [4, 0, 8, 4]) == 0.0            # touching edges
+    assert box_iou([0, 0, 4, 4], [2, 0, 6, 4]) == pytest.approx(1 / 3)
+
+
+def test_verifier_checks_its_inputs_and_gives_one_logit_per_pair():
+    v = Verifier(VerifierConfig(input_size=32))
+    assert v(torch.zeros(3, 1, 32, 32), torch.ones(3, 1, 32, 32)).shape == (3,)
+    with pytest.raises(ValueError, match=r"candidate: expected \(B, 1, 32, 32\), got \(3, 1, 28, 28\)"):
+        v(torch.zeros(3, 1, 32, 32), torch.zeros(3, 1, 28, 28))
+
+
+def test_verifier_loss_balances_the_classes():
+    class Const(torch.nn.Module):
+        def forward(self, m, c):
+            return torch.zeros(len(m))
+    labels = torch.tensor([1.0, 0, 0, 0])
+    # zero logits: every sample costs log 2 whatever the weights, which average to 1
+    loss = verifier_loss(Const(), torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), labels)
+    assert float(loss) == pytest.approx(np.log(2))
+
+
+class AreaVerifier(torch.nn.Module):
+    """Scores a candidate by its object's area: the re-ranking must pick the largest."""
+
+    def forward(self, moving, candidate):
+        return candidate.sum((1, 2, 3)) / 100 - 5
+
+
+def test_rerank_picks_the_candidate_the_verifier_scores_highest():
+    from registration.data.scenes import test_scenes
+    pipe = Pipeline.from_pretrained("mnist")
+    pipe.dataset = dataclasses.replace(DATASETS["mnist"], rerank=5)
+    pipe.verifier = AreaVerifier()
+    scenes = [s for s in test_scenes(40, seed=4) if s.n_distractors >= 2][:4]
+    assert len(scenes) == 4
+    prep = pipe._prepare([(s.moving, s.fixed) for s in scenes], [None] * 4, [None] * 4)
+    f_t, q_t, lb = pipe._ssd_inputs(prep)
+    cands = pipe.localizer.candidates(f_t, q_t, 5)
+    mov, fix, owner, boxes, scores, _ = pipe._candidate_crops(prep, cands, lb)
+    chosen, _ = pipe._rerank(prep, cands, lb)
+    area = torch.from_numpy(fix.sum((1, 2))).float()
+    value = (torch.sigmoid(area / 100 - 5) + RERANK_SCORE_WEIGHT * scores).numpy()
+    for i in range(4):
+        mine = np.flatnonzero(owner == i)
+        assert len(mine) >= 2                                        # a real choice
+        want = boxes[mine[np.argmax(value[mine])]]
+        assert torch.equal(chosen[i], want)
+
+
+def test_verifier_trains_from_the_pipelines_candidates_and_refuses_mnist(tmp_path):
+    out = tmp_path / "verifier"
+    train.main(["verifier", "--dataset", "silhouettes", "--pool", "6", "--val-pairs", "4",
+                "--steps", "2", "--batch", "16", "--val-every", "1", "--threads", "1",
+                "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_samples"] > 6 and "val_top1_shape_overlap" in metrics
+    assert checkpoint.load_folder(out).cfg.input_size == 32
+    with pytest.raises(SystemExit):
+        train.main(["verifier", "--dataset", "mnist", "--steps", "1"])

@@ -282,13 +282,16 @@ class Pipeline:
         """Load ``checkpoints/<name>/{matcher,localizer,matcher-full}`` (else from the Hub).
 
         The matcher (and, for data sets segmented by a network, the segmenter) is required;
-        the localizer and full-frame matcher are loaded when present.
+        the localizer, the full-frame matcher and (silhouettes) the verifier are loaded when
+        present.
         """
         if name not in DATASETS:
             raise ValueError(f"name: expected one of {sorted(DATASETS)}, got {name!r}")
         ds = DATASETS[name]
         seg = checkpoint.load(name, "segmenter") if ds.segmenter == "learned" else None
-        ver = checkpoint.load(name, "verifier") if ds.verifier else None
+        # without its verifier (e.g. a Hub revision from before it) the re-ranking falls back
+        # to mask overlap, with a warning
+        ver = checkpoint.try_load(name, "verifier") if ds.verifier else None
         return cls(checkpoint.load(name, "matcher"), checkpoint.try_load(name, "localizer"),
                    checkpoint.try_load(name, "matcher-full"), ds, refine_steps, seg, ver)
 

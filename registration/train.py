@@ -510,7 +510,10 @@ def train_verifier(args) -> dict:
               f"validation, {collect_s / 60:.1f} min", flush=True)
         mov, cand, lab = t(mov), t(cand), torch.from_numpy(lab)
     v_mov, v_cand = t(v_mov), t(v_cand)
-    cfg = VerifierConfig(input_size=pipe.size, classes=args.classes)
+    cfg = VerifierConfig(input_size=pipe.size, classes=args.classes,
+                         **({"channels": tuple(args.verifier_channels),
+                             "hidden": 2 * args.verifier_channels[-1]}
+                            if args.verifier_channels else {}))
     torch.manual_seed(args.seed)
     model = Verifier(cfg)
     rng = np.random.default_rng(args.seed)
@@ -608,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "silhouettes 0.25)")
     p.add_argument("--rerank-k", type=int, default=8,
                    help="verifier: SSD candidates per training scene")
+    p.add_argument("--verifier-channels", type=int, nargs="+", default=None,
+                   help="verifier: conv channels per level (default 16 32 64)")
     p.add_argument("--classes", type=int, default=0,
                    help="verifier: classify each mask into this many kinds (silhouettes: 10) "
                         "instead of judging pairs")

@@ -6,11 +6,13 @@ query's kind. Re-ranking its candidates by the overlap of the two object-centric
 helps (animals of different kinds overlap as much as two of one kind). This module learns the
 comparison instead: two object-centric masks (the moving object and the object segmented in
 one candidate box, S×S, as the pipeline crops them for the matcher) → one logit, "the same
-kind of object". Trained on the pipeline's own candidates in training scenes (labels from the
-target box), so it sees the segmentation errors it will meet.
+kind of object".
 
-Network: the two masks stacked as channels, three levels of two 3×3 conv + ReLU and a 2×2
-max-pool (16-32-64 channels), a hidden layer and one logit (~100k parameters).
+Two designs (``VerifierConfig.classes``): one network sees both masks stacked as channels and
+gives one logit; or (shipped for the silhouettes) one network classifies each mask into the
+data set's kinds, trained on its labelled rows, and "same" is the chance both are one kind.
+Either way: levels of two 3×3 conv + ReLU and a 2×2 max-pool (default 16-32-64 channels; the
+shipped silhouettes verifier 32-64-128), a hidden layer, the logits.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VerifierConfig
+from .metrics import box_iou
 
 POSITIVE_IOU = 0.5    # a candidate whose snapped box overlaps the target's this much is it
 NEGATIVE_IOU = 0.2    # … and one below this is not; those in between are left out of training
@@ -66,15 +69,6 @@ class Verifier(nn.Module):
             same = (p[:len(moving)] * p[len(moving):]).sum(1).clamp(1e-6, 1 - 1e-6)
             return torch.log(same) - torch.log1p(-same)
         return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
-
-
-def box_iou(a, b) -> float:
-    """IoU of two xyxy boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @torch.no_grad()

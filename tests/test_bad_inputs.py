@@ -24,6 +24,7 @@ from PIL import Image
 from apphelpers import app_server  # noqa: F401  (a fixture)
 from conftest import needs_pipeline
 from make_bad_inputs import BOMB_SIDE, BadInput, good_pair, make
+from registration.metrics import box_iou
 
 pytestmark = needs_pipeline
 
@@ -51,14 +52,6 @@ def assert_plain(message: str) -> None:
     assert "Traceback" not in message and 'File "' not in message, message
     assert not PATHS.search(message), message
     assert len(message) < 400, message
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def check_outcome(item: BadInput, role: str, error: str | None, dice: float | None, box,

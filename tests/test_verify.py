@@ -8,13 +8,7 @@ import torch
 from registration import checkpoint, train
 from registration.config import VerifierConfig
 from registration.pipeline import DATASETS, RERANK_SCORE_WEIGHT, Pipeline
-from registration.verify import Verifier, box_iou, verifier_loss
-
-
-def test_box_iou_known_answers():
-    assert box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
-    assert box_iou([0, 0, 4, 4], [4, 0, 8, 4]) == 0.0            # touching edges
-    assert box_iou([0, 0, 4, 4], [2, 0, 6, 4]) == pytest.approx(1 / 3)
+from registration.verify import Verifier, verifier_loss
 
 
 def test_verifier_checks_its_inputs_and_gives_one_logit_per_pair():
@@ -72,3 +66,20 @@ def test_verifier_trains_from_the_pipelines_candidates_and_refuses_mnist(tmp_pat
     assert checkpoint.load_folder(out).cfg.input_size == 32
     with pytest.raises(SystemExit):
         train.main(["verifier", "--dataset", "mnist", "--steps", "1"])
+
+
+def test_kind_classifying_verifier_trains_on_the_rows_and_scores_pairs(tmp_path):
+    out = tmp_path / "kinds"
+    train.main(["verifier", "--dataset", "silhouettes", "--classes", "10", "--val-pairs", "4",
+                "--verifier-channels", "8", "16", "--steps", "2", "--batch", "16",
+                "--val-every", "1", "--threads", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["val_class_accuracy"] <= 1
+    v = checkpoint.load_folder(out)
+    assert (v.cfg.classes, tuple(v.cfg.channels), v.cfg.hidden) == (10, (8, 16), 32)
+    m = torch.zeros(2, 1, 32, 32)
+    with torch.no_grad():
+        same = torch.sigmoid(v(m, m))
+        p = torch.softmax(v.classify(m), 1)
+    # the score is the chance both masks are of one kind: Σ_k p(k)² for identical masks
+    assert torch.allclose(same, (p * p).sum(1), atol=1e-5)

@@ -30,6 +30,7 @@ def main() -> None:
     m, f = MnistPairs("val", 3).batch(1000)
     with torch.no_grad():
         p0 = model.predict(m, f)
+    model.refine(m[:2], f[:2], p0[:2], steps=1)     # warm-up: loads the compiled loop
     rows = []
     for sup in (1, 2, 4):
         model.cfg.fold_supersample = sup

@@ -83,3 +83,20 @@ def test_kind_classifying_verifier_trains_on_the_rows_and_scores_pairs(tmp_path)
         p = torch.softmax(v.classify(m), 1)
     # the score is the chance both masks are of one kind: Σ_k p(k)² for identical masks
     assert torch.allclose(same, (p * p).sum(1), atol=1e-5)
+
+
+def test_silhouettes_pipeline_without_its_verifier_falls_back_to_mask_overlap(monkeypatch):
+    real_load = checkpoint.load
+
+    def load(dataset, model):
+        if model == "verifier":
+            raise checkpoint.CheckpointNotFound("checkpoint silhouettes/verifier not found")
+        return real_load(dataset, model)
+    monkeypatch.setattr(checkpoint, "load", load)
+    with pytest.warns(UserWarning, match="verifier"):
+        pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0)
+    assert pipe.verifier is None and pipe.dataset.rerank == 5
+    from registration.data.silhouettes import test_scenes
+    s = test_scenes(1, seed=3)[0]
+    r = pipe.register(s.moving, s.fixed)               # re-ranks by overlap, no error
+    assert r.warped_mask_full.shape == s.fixed.shape[:2]

@@ -495,6 +495,13 @@ def train_verifier(args) -> dict:
                                          ds.crop_margin, np.random.default_rng(args.seed + 1))
         v_shapes, v_kinds = torch.from_numpy(v_shapes).float().unsqueeze(1), v_kinds[v_rows]
         mov = cand = lab = None
+        seg_x = seg_y = None
+        if args.scene_masks:
+            from .verify import labelled_scene_masks
+            print(f"segmenting {args.scene_masks} training scenes …", flush=True)
+            x, y = labelled_scene_masks(
+                pipe, scene_source(args.dataset, "train", args.seed, args).batch(args.scene_masks))
+            seg_x, seg_y = torch.from_numpy(x).float().unsqueeze(1), torch.from_numpy(y)
     else:
         print(f"collecting candidates from {args.pool} training scenes …", flush=True)
         mov, cand, lab, _ = candidate_samples(
@@ -520,8 +527,17 @@ def train_verifier(args) -> dict:
 
     def batch_loss():
         if args.classes:               # classify silhouettes drawn as the pipeline sees them
-            x, rows_ = shape_samples(row_masks, args.batch, cfg.input_size, ds.crop_margin, rng)
-            return torch.nn.functional.cross_entropy(model.classify(t(x)), kinds[rows_]), {}
+            n_seg = args.batch // 2 if seg_x is not None else 0
+            x, rows_ = shape_samples(row_masks, args.batch - n_seg, cfg.input_size,
+                                     ds.crop_margin, rng)
+            x, y = t(x), kinds[rows_]
+            if n_seg:                  # … and as its segmenter cut them out of scenes
+                idx = torch.from_numpy(rng.choice(len(seg_y), n_seg, replace=False))
+                sx = seg_x[idx]
+                flip = torch.from_numpy(rng.random(n_seg) < 0.5)
+                sx[flip] = sx[flip].flip(-1)
+                x, y = torch.cat([x, sx]), torch.cat([y, seg_y[idx]])
+            return torch.nn.functional.cross_entropy(model.classify(x), y), {}
         idx = torch.from_numpy(rng.choice(len(lab), min(args.batch, len(lab)), replace=False))
         m, c = mov[idx], cand[idx]
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)     # mirror both masks together
@@ -613,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verifier: SSD candidates per training scene")
     p.add_argument("--verifier-channels", type=int, nargs="+", default=None,
                    help="verifier: conv channels per level (default 16 32 64)")
+    p.add_argument("--scene-masks", type=int, default=0,
+                   help="verifier --classes: also train on the segmented moving and target "
+                        "masks of this many training scenes (half of each batch)")
     p.add_argument("--classes", type=int, default=0,
                    help="verifier: classify each mask into this many kinds (silhouettes: 10) "
                         "instead of judging pairs")

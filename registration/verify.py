@@ -154,6 +154,36 @@ def shape_samples(masks: np.ndarray, n: int, size: int, margin: float,
     return out, rows
 
 
+@torch.no_grad()
+def labelled_scene_masks(pipe, scenes, batch: int = 32):
+    """Object-centric masks (N, S, S) bool of the moving object and of the target as the
+    pipeline segments them (the target's region cut around its true box), with each scene's
+    kind label (N,): the verifier's inputs with the segmenter's own errors."""
+    from .pipeline import RegistrationError
+    masks, labels = [], []
+    for start in range(0, len(scenes), batch):
+        chunk, prep = [], []
+        for s in scenes[start:start + batch]:
+            try:
+                prep += pipe._prepare([(s.moving, s.fixed)], [None], [None])
+                chunk.append(s)
+            except RegistrationError:
+                continue
+        if not chunk:
+            continue
+        _, _, lb = pipe._ssd_inputs(prep)
+        truth = [(torch.from_numpy(s.box[None] * k).float(), torch.ones(1))
+                 for s, k in zip(chunk, lb)]
+        mov, fix, own, _, _, _ = pipe._candidate_crops(prep, truth, lb)
+        for m, f, i in zip(mov, fix, own):
+            masks += [m, f]
+            labels += [chunk[i].label] * 2
+    s = pipe.size
+    if not masks:
+        return np.zeros((0, s, s), bool), np.zeros(0, np.int64)
+    return np.stack(masks), np.array(labels, np.int64)
+
+
 def verifier_loss(model: Verifier, moving: torch.Tensor, candidate: torch.Tensor,
                   labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy, positives weighted to balance the classes in the batch."""

@@ -100,3 +100,17 @@ def test_silhouettes_pipeline_without_its_verifier_falls_back_to_mask_overlap(mo
     s = test_scenes(1, seed=3)[0]
     r = pipe.register(s.moving, s.fixed)               # re-ranks by overlap, no error
     assert r.warped_mask_full.shape == s.fixed.shape[:2]
+
+
+def test_labelled_scene_masks_are_the_moving_and_target_objects_with_the_scene_kind():
+    from registration.data.silhouettes import SceneGenerator
+    from registration.pipeline import crop_mask, mask_box, square_around
+    from registration.verify import labelled_scene_masks
+    pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0)
+    scenes = SceneGenerator("train", seed=5).batch(3)
+    masks, labels = labelled_scene_masks(pipe, scenes)
+    assert masks.shape == (6, 32, 32) and labels.tolist() == [s.label for s in scenes for _ in "mt"]
+    for k, s in enumerate(scenes):          # the target's crop as the true mask would give it
+        want = crop_mask(s.target_mask, square_around(mask_box(s.target_mask), 1.3), 32)
+        got = masks[2 * k + 1]
+        assert 2 * (want & got).sum() / (want.sum() + got.sum()) > 0.6

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from registration import checkpoint, classical, metrics  # noqa: E402
 from registration.evaluate import _table  # noqa: E402
 from registration.data import mnist, scenes  # noqa: E402
+from timing import interleaved_ms  # noqa: E402  (benchmarks/timing.py)
 
 try:
     import SimpleITK as sitk
@@ -158,23 +159,6 @@ def run_classical(key: str, mov, fix, params: dict) -> dict:
     res = _scores(warped, fix, disps)
     res.update(params=params)
     return res
-
-
-def interleaved_ms(fns: dict, n: int = 200, warm: int = 5) -> dict[str, float]:
-    """Median ms of each ``fns[name](i)`` on pairs i = 0 … n−1, the methods taking turns on
-    each pair (after ``warm`` warm-up rounds), so that every method meets the same machine:
-    single-pair times here drift by 2× over minutes (other tenants of the host), which made
-    methods timed one after another in separate loops incomparable."""
-    for i in range(warm):
-        for fn in fns.values():
-            fn(i)
-    times = {k: [] for k in fns}
-    for i in range(n):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(i)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def run_learned(model, mov, fix, steps: int, passes: int | None, batch_sizes=(64, 256)):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from registration import checkpoint  # noqa: E402
 from registration.data import mnist  # noqa: E402
 from registration.evaluate import _table  # noqa: E402
 from registration.matcher import Matcher  # noqa: E402
+from timing import interleaved_ms  # noqa: E402  (benchmarks/timing.py)
 
 
 def main() -> None:
@@ -50,17 +50,12 @@ def main() -> None:
                                           align_corners=False)
     with torch.no_grad():
         p0 = base.predict(m, f28)
-    runs = {(size, sup): (models[sup], f) for size, f in ((28, f28), (64, f64)) for sup in (1, 2)}
-    for (model, f) in runs.values():                      # warm-up (and numba's first call)
-        model.refine(m[:1], f[:1], p0[:1], steps=args.steps)
-    times = {k: [] for k in runs}
-    for i in range(args.pairs):
-        for k, (model, f) in runs.items():
-            t0 = time.perf_counter()
-            model.refine(m[i:i + 1], f[i:i + 1], p0[i:i + 1], steps=args.steps)
-            times[k].append(time.perf_counter() - t0)
+    runs = {(size, sup): (lambda i, model=models[sup], f=f:
+                          model.refine(m[i:i + 1], f[i:i + 1], p0[i:i + 1], steps=args.steps))
+            for size, f in ((28, f28), (64, f64)) for sup in (1, 2)}
+    ms = interleaved_ms(runs, n=args.pairs)            # warm-up rounds load the compiled loop
     rows = []
-    for (size, sup), ts in times.items():
+    for (size, sup), median_ms in ms.items():
         batch = ""
         if size == 28:
             model = models[sup]
@@ -71,7 +66,7 @@ def main() -> None:
                 model.refine(m[:bs], f28[:bs], p0[:bs], steps=args.steps)
                 out.append(f"{bs / (time.perf_counter() - t0):,.0f}")
             batch = " / ".join(out)
-        rows.append([f"{size}×{size}", sup, f"{statistics.median(ts) * 1e3:.2f}", batch])
+        rows.append([f"{size}×{size}", sup, f"{median_ms:.2f}", batch])
     print(f"Matcher.refine, {args.steps} steps, {args.threads} threads, "
           f"{args.pairs} held-out MNIST pairs\n")
     print(_table(["fixed mask", "fold_supersample", "ms for one pair (median)",

@@ -178,7 +178,7 @@ class Matcher(nn.Module):
         at the fixed mask's pixels); params: (B, P) start (default: predicted);
         lr: Adam's step size (default ``cfg.refine_lr``).
         Returns refined params (B, P), detached. Each pair is optimised independently (the loss
-        is a sum over the batch). The loop is :func:`registration.refine.refine` (NumPy).
+        is a sum over the batch). The loop is :func:`registration.refine.refine` (compiled).
         """
         p0 = self.predict(moving, fixed) if params is None else params.float()
         if steps <= 0:

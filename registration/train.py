@@ -477,7 +477,7 @@ def train_verifier(args) -> dict:
     scenes whose best-scored candidate is the target, against the shape overlap it replaces."""
     from .config import VerifierConfig
     from .pipeline import DATASETS, Pipeline
-    from .verify import Verifier, candidate_samples, verifier_loss
+    from .verify import Verifier, candidate_samples, mask_overlap, verifier_loss
     ds = DATASETS[args.dataset]
     seg = checkpoint.load(args.dataset, "segmenter") if ds.segmenter == "learned" else None
     pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
@@ -544,11 +544,6 @@ def train_verifier(args) -> dict:
         m[flip], c[flip] = m[flip].flip(-1), c[flip].flip(-1)
         return verifier_loss(model, m, c, lab[idx]), {}
 
-    def shape_overlap(m, c):
-        m, c = m > 0.5, c > 0.5
-        return 2 * (m & c).sum((1, 2, 3)).float() / (m.sum((1, 2, 3)) + c.sum((1, 2, 3))
-                                                     ).float().clamp_min(1)
-
     def top1(scores) -> float:
         """Share of validation scenes with a target candidate whose best candidate is it."""
         best = {}
@@ -558,20 +553,20 @@ def train_verifier(args) -> dict:
         has = {i for i, y in zip(v_own.tolist(), v_lab.tolist()) if y > 0.5}
         return round(float(np.mean([best[i][1] for i in has])) if has else 0.0, 4)
 
+    overlap_top1 = top1(mask_overlap(v_mov > 0.5, v_cand > 0.5))   # the baseline, once
+
     @torch.no_grad()
     def validate():
         model.eval()
         logits = torch.cat([model(v_mov[k:k + 512], v_cand[k:k + 512])
                             for k in range(0, len(v_mov), 512)])
-        model.train()
         acc = ((logits > 0).float() == torch.from_numpy(v_lab)).float().mean()
         out = {"val_accuracy": round(float(acc), 4), "val_top1": top1(logits),
-               "val_top1_shape_overlap": top1(shape_overlap(v_mov, v_cand))}
+               "val_top1_shape_overlap": overlap_top1}
         if args.classes:
-            model.eval()
             kind = model.classify(v_shapes).argmax(1).numpy()
-            model.train()
             out["val_class_accuracy"] = round(float((kind == v_kinds).mean()), 4)
+        model.train()
         return out
 
     metrics = fit(model, batch_loss, validate, args, "train verifier", 1e-4)

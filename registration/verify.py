@@ -71,24 +71,39 @@ class Verifier(nn.Module):
         return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
 
 
+def _prepared_chunks(pipe, scenes, batch: int):
+    """Scenes in chunks of ``batch``, each as (index of its first scene, the scenes whose
+    moving object the pipeline finds, their ``Pipeline._prepare`` records); the others are
+    skipped, and chunks left empty too."""
+    from .pipeline import RegistrationError
+    for start in range(0, len(scenes), batch):
+        chunk, prep = [], []
+        for s in scenes[start:start + batch]:
+            try:
+                prep += pipe._prepare([(s.moving, s.fixed)], [None], [None])
+                chunk.append(s)
+            except RegistrationError:
+                continue
+        if chunk:
+            yield start, chunk, prep
+
+
+def mask_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dice of masks (B, …) bool, per item (B,) float (0 where both are empty): the score the
+    re-ranking uses without a verifier."""
+    dims = tuple(range(1, a.ndim))
+    inter = (a & b).sum(dims).float()
+    return 2 * inter / (a.sum(dims) + b.sum(dims)).float().clamp_min(1)
+
+
 @torch.no_grad()
 def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32):
     """The pipeline's re-ranking inputs on scenes with known target boxes: moving and
     candidate object-centric masks (N, S, S) bool, labels (N,) float (1: the candidate is the
     target, by IoU of its snapped box with the target's box; ambiguous overlaps left out) and
     the scene index of each (N,)."""
-    from .pipeline import RegistrationError
     movs, cands, labels, owner = [], [], [], []
-    for start in range(0, len(scenes), batch):
-        chunk, prep = [], []
-        for s in scenes[start:start + batch]:      # scenes whose moving object is found
-            try:
-                prep += pipe._prepare([(s.moving, s.fixed)], [None], [None])
-                chunk.append(s)
-            except RegistrationError:
-                continue
-        if not chunk:
-            continue
+    for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         found = pipe.localizer.candidates(f_t, q_t, k)
         mov, fix, own, _, _, snapped = pipe._candidate_crops(prep, found, lb)
@@ -159,18 +174,8 @@ def labelled_scene_masks(pipe, scenes, batch: int = 32):
     """Object-centric masks (N, S, S) bool of the moving object and of the target as the
     pipeline segments them (the target's region cut around its true box), with each scene's
     kind label (N,): the verifier's inputs with the segmenter's own errors."""
-    from .pipeline import RegistrationError
     masks, labels = [], []
-    for start in range(0, len(scenes), batch):
-        chunk, prep = [], []
-        for s in scenes[start:start + batch]:
-            try:
-                prep += pipe._prepare([(s.moving, s.fixed)], [None], [None])
-                chunk.append(s)
-            except RegistrationError:
-                continue
-        if not chunk:
-            continue
+    for _, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         _, _, lb = pipe._ssd_inputs(prep)
         truth = [(torch.from_numpy(s.box[None] * k).float(), torch.ones(1))
                  for s, k in zip(chunk, lb)]

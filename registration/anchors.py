@@ -6,10 +6,19 @@ import math
 import torch
 
 
-def box_convert(boxes, in_fmt: str, out_fmt: str):
-    # torchvision.ops pulls in torch._dynamo (~2 s); import it on first use, not at app start
-    from torchvision.ops import box_convert as convert
-    return convert(boxes, in_fmt, out_fmt)
+def box_convert(boxes: torch.Tensor, in_fmt: str, out_fmt: str) -> torch.Tensor:
+    """(..., 4) boxes between "xyxy" (corners) and "cxcywh" (centre, width, height), as
+    ``torchvision.ops.box_convert`` (tested against it) without importing torchvision, which
+    pulls in torch._dynamo (~2 s of an app's start or first request)."""
+    if (in_fmt, out_fmt) == ("cxcywh", "xyxy"):
+        c, half = boxes[..., :2], boxes[..., 2:] / 2
+        return torch.cat([c - half, c + half], dim=-1)
+    if (in_fmt, out_fmt) == ("xyxy", "cxcywh"):
+        a, b = boxes[..., :2], boxes[..., 2:]
+        return torch.cat([(a + b) / 2, b - a], dim=-1)
+    if in_fmt == out_fmt in ("xyxy", "cxcywh"):
+        return boxes.clone()
+    raise ValueError(f"in_fmt/out_fmt: expected 'xyxy' or 'cxcywh', got {in_fmt!r} → {out_fmt!r}")
 
 
 def anchors_per_location(aspect_ratios) -> int:

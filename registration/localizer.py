@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import anchors as anc
+from . import frozen
 from .config import LocalizerConfig
 
 
@@ -45,10 +46,17 @@ class Localizer(nn.Module):
         self.cfg = cfg = cfg or LocalizerConfig()
         if cfg.conditioning not in ("film", "stack"):
             raise ValueError(f"conditioning: expected 'film' or 'stack', got {cfg.conditioning!r}")
+        if cfg.stem not in ("conv", "unshuffle"):
+            raise ValueError(f"stem: expected 'conv' or 'unshuffle', got {cfg.stem!r}")
+        if cfg.stem == "unshuffle" and cfg.image_size % 2:
+            raise ValueError(f"image_size: expected an even size for stem 'unshuffle', got "
+                             f"{cfg.image_size}")
         c_in = 2 if cfg.conditioning == "stack" else 1
+        if cfg.stem == "unshuffle":
+            c_in *= 4
         self.blocks = nn.ModuleList()
         for i, c in enumerate(cfg.channels):
-            self.blocks.append(conv_bn_elu(c_in, c, 5 if i == 0 else 3))
+            self.blocks.append(conv_bn_elu(c_in, c, 5 if i == 0 and cfg.stem == "conv" else 3))
             c_in = c
         n_a = anc.anchors_per_location(cfg.aspect_ratios)
         self.heads = nn.ModuleList(nn.Conv2d(cfg.channels[i], n_a * 5, 3, padding=1)
@@ -76,6 +84,8 @@ class Localizer(nn.Module):
 
     def feature_sizes(self) -> list[int]:
         s, sizes = self.cfg.image_size, []
+        if self.cfg.stem == "unshuffle":
+            s //= 2
         for i in range(len(self.cfg.channels)):
             if i > 0:
                 s //= 2
@@ -88,11 +98,19 @@ class Localizer(nn.Module):
         for name, t, s in (("fixed", fixed, cfg.image_size), ("moving", moving, cfg.query_size)):
             if t.ndim != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != (s, s):
                 raise ValueError(f"{name}: expected (B, 1, {s}, {s}), got {tuple(t.shape)}")
+        fast = frozen.use_frozen(self)
+        return (fast or self._net)(fixed, moving)
+
+    def _net(self, fixed: torch.Tensor, moving: torch.Tensor):
+        """:meth:`forward` without its input checks (what :meth:`for_inference` freezes)."""
+        cfg = self.cfg
         if cfg.conditioning == "stack":
             q = F.interpolate(moving, size=fixed.shape[-2:], mode="bilinear", align_corners=False)
             x, emb = torch.cat([fixed, q], dim=1), None
         else:
             x, emb = fixed, self.query(moving)
+        if cfg.stem == "unshuffle":
+            x = F.pixel_unshuffle(x, 2)
         outs = []
         last = len(self.blocks) - 1
         pooled = True
@@ -122,7 +140,9 @@ class Localizer(nn.Module):
 
     def for_inference(self) -> "Localizer":
         """An eval-mode copy with every BatchNorm folded into its convolution (same outputs up
-        to float rounding, fewer passes over the 112×112 feature maps) in channels-last layout."""
+        to float rounding, fewer passes over the 112×112 feature maps) in channels-last layout,
+        whose forward pass without gradients runs a frozen TorchScript trace
+        (:mod:`registration.frozen`; eager if tracing fails)."""
         import copy
 
         from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -132,7 +152,13 @@ class Localizer(nn.Module):
             if isinstance(seq[1], nn.BatchNorm2d):
                 seq[0] = fuse_conv_bn_eval(seq[0], seq[1])
                 seq[1] = nn.Identity()
-        return m.to(memory_format=torch.channels_last)
+        m = m.to(memory_format=torch.channels_last)
+        cfg = self.cfg
+        frozen.attach(m, "_net", (
+            torch.zeros(1, 1, cfg.image_size, cfg.image_size).contiguous(
+                memory_format=torch.channels_last),
+            torch.zeros(1, 1, cfg.query_size, cfg.query_size)))
+        return m
 
     @torch.no_grad()
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor):

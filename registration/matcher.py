@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import frozen
 from . import refine as _refine
 from . import tps
 from .coords import identity_grid
@@ -109,11 +110,27 @@ class Matcher(nn.Module):
         for name, t in (("moving", moving), ("fixed", fixed)):
             if t.ndim != 4 or t.shape[1] != c or tuple(t.shape[-2:]) != (s, s):
                 raise ValueError(f"{name}: expected (B, {c}, {s}, {s}), got {tuple(t.shape)}")
+        fast = frozen.use_frozen(self)
+        return (fast or self._net)(moving, fixed)
+
+    def _net(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without its input checks (what :meth:`for_inference` freezes)."""
         x = torch.cat([moving, fixed], dim=1)
         if self.cfg.arch == "flow":
-            disp = self.flow(x).float().permute(0, 2, 3, 1).reshape(len(x), -1)   # (B, 2·S²)
+            disp = self.flow(x).float().permute(0, 2, 3, 1).flatten(1)   # (B, 2·S²)
             return disp @ self.flow_proj.T
         return self.head(self.fc(self.pool(self.features(x))))
+
+    def for_inference(self) -> "Matcher":
+        """An eval-mode copy in channels-last layout whose forward pass without gradients runs
+        a frozen TorchScript trace (:mod:`registration.frozen`; eager if tracing fails).
+        Warping, cascades and refinement are unchanged."""
+        import copy
+        m = copy.deepcopy(self).eval().to(memory_format=torch.channels_last)
+        c, s = self.cfg.mask_channels, self.cfg.input_size
+        ex = torch.zeros(1, c, s, s).contiguous(memory_format=torch.channels_last)
+        frozen.attach(m, "_net", (ex, ex))
+        return m
 
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor,
                 passes: int | None = None) -> torch.Tensor:

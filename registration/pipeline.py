@@ -195,22 +195,45 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
 
 
-def paste_points(square, shape: tuple[int, int]):
-    """Pixels of an (H, W) frame inside ``square``: their slices and their normalised
-    coordinates in the square's crop, (h·w, 2) as float32."""
+def paste_slices(square, shape: tuple[int, int]) -> tuple[slice, slice] | None:
+    """The (row, column) slices of an (H, W) frame's pixels whose centres lie inside the xyxy
+    ``square`` (None if none)."""
     h, w = shape
     x0, y0, x1, y1 = square
-    # pixels whose centres (i + 0.5) lie inside the square
     c0, r0 = max(0, int(np.ceil(x0 - 0.5))), max(0, int(np.ceil(y0 - 0.5)))
     c1, r1 = min(w, int(np.floor(x1 - 0.5)) + 1), min(h, int(np.floor(y1 - 0.5)) + 1)
     if c1 <= c0 or r1 <= r0:
-        return None, None
-    side = x1 - x0
-    xs = 2 * (np.arange(c0, c1) + 0.5 - x0) / side - 1
-    ys = 2 * (np.arange(r0, r1) + 0.5 - y0) / side - 1
-    gx, gy = np.meshgrid(xs, ys)
-    pts = np.stack([gx.ravel(), gy.ravel()], -1).astype(np.float32)
-    return (slice(r0, r1), slice(c0, c1)), pts
+        return None
+    return slice(r0, r1), slice(c0, c1)
+
+
+def uncrop(crop_img: np.ndarray, square, sl: tuple[slice, slice],
+           border: int = cv2.BORDER_CONSTANT) -> np.ndarray:
+    """The inverse of :func:`crop`: an (S, S[, C]) float32 crop of the xyxy ``square``
+    resampled bilinearly at the frame pixels ``sl`` (from :func:`paste_slices`) → (h, w[, C]).
+    Frame pixel c (centre c + 0.5) is crop pixel index (c + 0.5 − x0)·S/side − 0.5;
+    ``border``: a cv2 border mode for frame pixels beyond the crop's outermost pixel centres
+    (BORDER_CONSTANT: zeros, BORDER_REPLICATE: edge values)."""
+    s = crop_img.shape[0]
+    x0, y0, x1, _ = square
+    k = s / (x1 - x0)
+    r, c = sl
+    m = np.array([[k, 0, (c.start + 0.5 - x0) * k - 0.5],
+                  [0, k, (r.start + 0.5 - y0) * k - 0.5]], np.float64)
+    return cv2.warpAffine(crop_img, m, (c.stop - c.start, r.stop - r.start),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=border,
+                          borderValue=0)
+
+
+def remap_normalised(image: np.ndarray, grid: np.ndarray, border: int) -> np.ndarray:
+    """Sample an (h, w[, C]) float32 image bilinearly at a grid (H, W, 2) of normalised (x, y)
+    coordinates in it (pixel-centre convention, as ``grid_sample(align_corners=False)``);
+    ``border``: a cv2 border mode (BORDER_CONSTANT = zeros outside). → (H, W[, C])."""
+    h, w = image.shape[:2]
+    mx = ((grid[..., 0] + 1) * w - 1) * 0.5
+    my = ((grid[..., 1] + 1) * h - 1) * 0.5
+    return cv2.remap(image, mx.astype(np.float32), my.astype(np.float32), cv2.INTER_LINEAR,
+                     borderMode=border, borderValue=0)
 
 
 def full_frame_masks(moving: np.ndarray, fixed: np.ndarray, size: int = 112,
@@ -259,18 +282,16 @@ class Pipeline:
     def __init__(self, matcher, localizer=None, matcher_full=None,
                  dataset: DatasetConfig | None = None, refine_steps: int = 0, segmenter=None,
                  verifier=None):
-        # inference layouts: channels-last convolutions run ~1.4× faster on CPU here, and the
-        # localizer's BatchNorms are folded into its convolutions
-        self.matcher = matcher.eval().to(memory_format=torch.channels_last)
+        # inference copies: channels-last layout (convolutions ~1.4× faster on CPU here),
+        # BatchNorms folded, forward passes frozen (registration.frozen)
+        self.matcher = matcher.for_inference()
         self.localizer = localizer.for_inference() if localizer is not None else None
-        self.matcher_full = (matcher_full.eval().to(memory_format=torch.channels_last)
-                             if matcher_full is not None else None)
+        self.matcher_full = matcher_full.for_inference() if matcher_full is not None else None
         self.dataset = dataset or DatasetConfig()
         if self.dataset.segmenter == "learned" and segmenter is None:
             raise ValueError(f"segmenter: data set {self.dataset.name!r} segments with a learned "
                              "segmenter, got None")
-        self.segmenter = (segmenter.eval().to(memory_format=torch.channels_last)
-                          if segmenter is not None else None)
+        self.segmenter = segmenter.for_inference() if segmenter is not None else None
         # re-ranking of the SSD's candidates by a learned same-object verifier (else by shape
         # overlap; see _rerank)
         self.verifier = verifier.eval() if verifier is not None else None
@@ -328,23 +349,18 @@ class Pipeline:
         for g, box in zip(grays, boxes):
             region = square_around(box, self.dataset.crop_margin
                                    if self.segmenter is None else self.segmenter.cfg.margin)
-            sl, pts = paste_points(region, g.shape)
+            sl = paste_slices(region, g.shape)
             m = np.zeros(g.shape, bool)
             if sl is not None and self.segmenter is None:
                 m[sl] = segment.foreground_or_otsu(g[sl], self.dataset.threshold)
             elif sl is not None:
-                todo.append((len(out), sl, pts, region))
+                todo.append((len(out), sl, region))
             out.append(m)
         if todo:
             s = self.segmenter.cfg.input_size
-            probs = self._segnet_probs([crop(grays[i], region, s) for i, _, _, region in todo])
-            for (i, sl, pts, _), p in zip(todo, probs):
-                h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-                at = torch.from_numpy(pts).reshape(1, h, w, 2)
-                v = torch.nn.functional.grid_sample(torch.from_numpy(p)[None, None], at,
-                                                    mode="bilinear", padding_mode="zeros",
-                                                    align_corners=False)
-                out[i][sl] = v[0, 0].numpy() > 0.5
+            probs = self._segnet_probs([crop(grays[i], region, s) for i, _, region in todo])
+            for (i, sl, region), p in zip(todo, probs):
+                out[i][sl] = uncrop(np.ascontiguousarray(p), region, sl) > 0.5
         return out
 
     def _frame_mask(self, gray: np.ndarray, size: int) -> np.ndarray:
@@ -378,21 +394,33 @@ class Pipeline:
             return matcher.predict(m, f)
 
     def _crop_result(self, params: torch.Tensor, mov_crop, mov_mask, fix_crop, fix_mask,
-                     matcher=None) -> dict:
+                     matcher=None, grid: np.ndarray | None = None) -> dict:
+        """The crop-level fields of a Result; ``grid``: the S×S sampling grid of ``params``
+        (see :meth:`_crop_grid`) if the caller has it."""
         matcher = matcher or self.matcher
         s = mov_mask.shape[0]
-        p = params.unsqueeze(0)
-        src = torch.from_numpy(np.stack([mov_mask.astype(np.float32), mov_crop]))[:, None]
-        warped = matcher.warp(src, p.expand(2, -1), (s, s))[:, 0].numpy()
-        ctrl = matcher.ctrl
-        theta, offsets = tps.split_params(p, len(ctrl))    # T(c_k) = A·[c_k; 1] + d_k exactly
-        q = (torch.cat([ctrl, torch.ones_like(ctrl[:, :1])], 1) @ theta[0].T) + offsets[0]
+        g = self._crop_grid(params, s, matcher) if grid is None else grid
+        src = np.ascontiguousarray(np.stack([mov_mask.astype(np.float32),
+                                             mov_crop.astype(np.float32)], -1))
+        warped = remap_normalised(src, g, cv2.BORDER_CONSTANT)
+        # T(c_k) = A·[c_k; 1] + d_k exactly: the control points' images
+        pr = params.detach().numpy().astype(np.float64)
+        ctrl = matcher.ctrl.numpy().astype(np.float64)
+        theta = pr[:tps.N_AFFINE].reshape(2, 3) + np.eye(2, 3)
+        q = ctrl @ theta[:, :2].T + theta[:, 2] + pr[tps.N_AFFINE:].reshape(-1, 2)
+        to_px = lambda v: ((v + 1) * s - 1) / 2                 # coords.norm_to_pixel, square
         return dict(moving_crop=mov_crop, fixed_crop=fix_crop, moving_mask=mov_mask,
-                    fixed_mask=fix_mask, warped_mask=warped[0] > 0.5,
-                    warped_image=warped[1].clip(0, 1),
-                    control_points=norm_to_pixel(q, (s, s)).numpy(),
-                    control_points_warped=norm_to_pixel(ctrl, (s, s)).numpy(),
+                    fixed_mask=fix_mask, warped_mask=warped[..., 0] > 0.5,
+                    warped_image=warped[..., 1].clip(0, 1),
+                    control_points=to_px(q).astype(np.float32),
+                    control_points_warped=to_px(ctrl).astype(np.float32),
                     params=params.numpy())
+
+    @staticmethod
+    def _crop_grid(params: torch.Tensor, s: int, matcher) -> np.ndarray:
+        """The TPS sampling grid of one pair's ``params`` (P,) on the S×S crop: (S, S, 2)
+        float32, normalised (x, y) in the moving crop for each fixed-crop pixel."""
+        return matcher.grid(params[None].float(), (s, s))[0].numpy()
 
     def match(self, moving_mask, fixed_mask, refine_steps: int | None = None) -> Result:
         """The matcher alone on two object-centric masks (any equal or unequal sizes, resized
@@ -614,10 +642,11 @@ class Pipeline:
         t_paste = 0.0
         for i, p in enumerate(prep):
             t0 = time.perf_counter()
+            g = self._crop_grid(params[i], s, self.matcher)
             r = Result(box=None, score=float(scores[i]),
                        **self._crop_result(params[i], mov_crops[i], mov_masks[i], fix_crops[i],
-                                           fix_masks[i]))
-            full = self._paste(params[i], mov_masks[i], p["f_sq"], p["fg"].shape)
+                                           fix_masks[i], grid=g))
+            full = self._paste(params[i], mov_masks[i], p["f_sq"], p["fg"].shape, grid=g)
             sc = p["scale"]
             r.warped_mask_full = self._to_input_res(full, p["shape_in"])
             r.fixed_mask_full = self._to_input_res(p["obj"], p["shape_in"])
@@ -633,24 +662,24 @@ class Pipeline:
             r.timings = dict(ms)
         return results
 
-    def _paste(self, params: torch.Tensor, mov_mask: np.ndarray, square, shape) -> np.ndarray:
+    def _paste(self, params: torch.Tensor, mov_mask: np.ndarray, square, shape,
+               grid: np.ndarray | None = None) -> np.ndarray:
         """Warp the moving crop's mask straight into the fixed frame's pixels inside ``square``
-        (full resolution, no blocky upsampling of the S×S warped mask)."""
+        (full resolution, no blocky upsampling of the S×S warped mask). ``grid``: the S×S
+        sampling grid of ``params`` (:meth:`_crop_grid`) if the caller has it."""
         out = np.zeros(shape, bool)
-        sl, pts = paste_points(square, shape)
+        sl = paste_slices(square, shape)
         if sl is None:
             return out
-        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
         s = mov_mask.shape[0]
-        # The TPS grid is smooth: sample it on the S×S crop's pixel centres (cached basis) and
-        # interpolate it bilinearly at the frame's pixels, instead of evaluating the spline's
-        # log-kernels at every frame pixel (same mask up to a fraction of a pixel, ~5× faster)
-        coarse = self.matcher.grid(params[None].float(), (s, s)).permute(0, 3, 1, 2)
-        at = torch.from_numpy(pts).reshape(1, h, w, 2)
-        grid = torch.nn.functional.grid_sample(coarse, at, mode="bilinear",
-                                               padding_mode="border", align_corners=False)
-        m = torch.from_numpy(mov_mask.astype(np.float32))[None, None]
-        out[sl] = tps.warp_image(m, grid.permute(0, 2, 3, 1))[0, 0].numpy() > 0.5
+        g = self._crop_grid(params, s, self.matcher) if grid is None else grid
+        # The TPS grid is smooth: take it on the S×S crop's pixel centres and interpolate it
+        # bilinearly at the frame's pixels (edge values beyond the outermost centres), instead
+        # of evaluating the spline's log-kernels at every frame pixel (same mask up to a
+        # fraction of a pixel, tested)
+        frame_grid = uncrop(g, square, sl, cv2.BORDER_REPLICATE)
+        out[sl] = remap_normalised(mov_mask.astype(np.float32), frame_grid,
+                                   cv2.BORDER_CONSTANT) > 0.5
         return out
 
     @staticmethod

@@ -79,15 +79,24 @@ def select_best_fit(mask: np.ndarray, box, min_px: int = 4, clip: float | None =
         if v > best:
             keep.append(i)
             cur, best = nb, v
-    out = np.isin(labels, np.array(keep) + 1)
+    out = keep_labels(labels, n, np.array(keep) + 1)
     if clip is not None:
         bw, bh = box[2] - box[0], box[3] - box[1]
         cx0, cy0 = int(max(0, np.floor(box[0] - clip * bw))), int(max(0, np.floor(box[1] - clip * bh)))
         cx1, cy1 = int(max(0, np.ceil(box[2] + clip * bw))), int(max(0, np.ceil(box[3] + clip * bh)))
-        inside_clip = np.zeros_like(out)
-        inside_clip[cy0:cy1, cx0:cx1] = True
-        out &= inside_clip
+        out[:cy0] = False
+        out[cy1:] = False
+        out[:, :cx0] = False
+        out[:, cx1:] = False
     return out
+
+
+def keep_labels(labels: np.ndarray, n: int, keep) -> np.ndarray:
+    """(H, W) bool: pixels whose label (0 … n−1) is in ``keep`` (as ``np.isin``, by table
+    lookup)."""
+    table = np.zeros(n, bool)
+    table[keep] = True
+    return table[labels]
 
 
 def object_mask(gray: np.ndarray, min_fraction_of_largest: float = 0.05,
@@ -105,4 +114,4 @@ def drop_specks(fg: np.ndarray, min_fraction_of_largest: float = 0.05) -> np.nda
         return fg
     area = stats[1:, cv2.CC_STAT_AREA]
     keep = np.flatnonzero(area >= min_fraction_of_largest * area.max()) + 1
-    return np.isin(labels, keep)
+    return keep_labels(labels, n, keep)

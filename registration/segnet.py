@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import frozen
 from .config import SegNetConfig
 from .pipeline import crop as crop_image
 from .pipeline import square_around
@@ -68,6 +69,31 @@ class SegNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, len(self.down))
+        fast = frozen.use_frozen(self)
+        return (fast or self._net)(x)
+
+    def for_inference(self) -> "SegNet":
+        """An eval-mode copy with every BatchNorm folded into its convolution, in channels-last
+        layout, whose forward pass without gradients runs a frozen TorchScript trace
+        (:mod:`registration.frozen`, checked at the crop size and at twice it; eager if
+        tracing fails)."""
+        import copy
+
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        m = copy.deepcopy(self).eval()
+        for block in [*m.down, *m.up]:
+            for i in (0, 3):
+                if isinstance(block[i + 1], nn.BatchNorm2d):
+                    block[i] = fuse_conv_bn_eval(block[i], block[i + 1])
+                    block[i + 1] = nn.Identity()
+        m = m.to(memory_format=torch.channels_last)
+        s = self.cfg.input_size
+        ex = lambda k: (torch.rand(1, 1, k, k).contiguous(memory_format=torch.channels_last),)
+        frozen.attach(m, "_net", ex(s), also=(ex(2 * s),))
+        return m
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without its input check (what :meth:`for_inference` freezes)."""
         # centre the input so the first BatchNorm sees roughly zero-mean data in eval too
         h = x - 0.5
         skips = []

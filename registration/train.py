@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, tps
-from .config import DATASET_MODELS, MATCHER_PRESETS, LocalizerConfig, MatcherConfig
+from .config import (DATASET_MODELS, MATCHER_PRESETS, UNSHUFFLE_LOCALIZER, LocalizerConfig,
+                     MatcherConfig)
 from .matcher import Matcher
 
 
@@ -387,8 +388,13 @@ class ScenePool:
 
 def train_localizer(args) -> dict:
     from .localizer import Localizer
-    cfg = LocalizerConfig(conditioning=args.conditioning,
-                          **DATASET_MODELS.get(args.dataset, {}).get("localizer", {}))
+    over = dict(DATASET_MODELS.get(args.dataset, {}).get("localizer", {}))
+    if args.stem == "unshuffle":
+        if over:
+            raise SystemExit(f"--stem unshuffle: its layout is for the MNIST-sized SSD, not "
+                             f"{args.dataset}'s {over}")
+        over.update(UNSHUFFLE_LOCALIZER)
+    cfg = LocalizerConfig(conditioning=args.conditioning, **over)
     torch.manual_seed(args.seed)
     model = Localizer(cfg).to(memory_format=torch.channels_last)
     from .pipeline import DATASETS
@@ -613,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", action="store_true",
                    help="matcher: part-labelled masks (2 channels: core and thin parts)")
     p.add_argument("--conditioning", default="film", choices=["film", "stack"])
+    p.add_argument("--stem", default="conv", choices=["conv", "unshuffle"],
+                   help="localizer's first layer: 5×5 conv at full resolution (paper) or 2×2 "
+                        "pixel unshuffle + 3×3 conv at half resolution (config.UNSHUFFLE_LOCALIZER)")
     p.add_argument("--pairs", type=int, default=2000,
                    help="usct: training pairs made once and cached (see data.usct.cached_pairs)")
     p.add_argument("--pool", type=int, default=4096,

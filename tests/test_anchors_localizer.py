@@ -38,6 +38,31 @@ def test_box_coding_round_trip():
     assert (back - boxes).abs().max() < 1e-3
 
 
+def test_box_convert_equals_torchvision_both_ways():
+    from torchvision.ops import box_convert
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(50, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 40], 1)
+    for a, b in (("xyxy", "cxcywh"), ("cxcywh", "xyxy")):
+        assert torch.allclose(anc.box_convert(boxes, a, b), box_convert(boxes, a, b), atol=1e-5)
+    assert torch.allclose(anc.box_convert(anc.box_convert(boxes, "xyxy", "cxcywh"), "cxcywh",
+                                          "xyxy"), boxes, atol=1e-4)
+    with pytest.raises(ValueError, match="expected 'xyxy' or 'cxcywh'"):
+        anc.box_convert(boxes, "xywh", "xyxy")
+
+
+@pytest.mark.parametrize("stem", ["conv", "unshuffle"])
+def test_both_stems_reach_the_same_head_maps_and_anchors(stem):
+    from registration.config import UNSHUFFLE_LOCALIZER
+    cfg = LocalizerConfig(**(UNSHUFFLE_LOCALIZER if stem == "unshuffle" else {}))
+    m = Localizer(cfg).eval()
+    assert m.feature_sizes() == [14, 7, 3, 1] and len(m.anchors) == 1020
+    logits, offsets = m(torch.rand(2, 1, 112, 112), torch.rand(2, 1, 28, 28))
+    assert logits.shape == (2, 1020) and offsets.shape == (2, 1020, 4)
+    with pytest.raises(ValueError, match="stem"):
+        Localizer(LocalizerConfig(stem="strided"))
+
+
 def test_loss_is_finite_without_positives_and_box_term_zero():
     m = Localizer(LocalizerConfig())
     f, q = torch.rand(3, 1, 112, 112), torch.rand(3, 1, 28, 28)

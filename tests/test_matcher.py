@@ -105,6 +105,44 @@ def test_localizer_pooling_reorder_and_folded_batchnorm_change_nothing():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.for_inference().modules())
 
 
+@pytest.mark.parametrize("kind", ["localizer", "matcher", "segnet", "segnet-frame"])
+def test_frozen_inference_copy_equals_eager_and_leaves_training_to_eager(kind):
+    """for_inference() freezes the forward pass (registration.frozen): same outputs at any
+    batch size; with gradients on it runs the eager module, so the weights still learn."""
+    torch.manual_seed(0)
+    if kind == "localizer":
+        model = Localizer(LocalizerConfig())
+        args = (torch.rand(3, 1, 112, 112), torch.rand(3, 1, 28, 28))
+    elif kind.startswith("segnet"):
+        from registration.segnet import SegNet
+        model = SegNet()
+        for mod in model.modules():                   # BatchNorms that do something
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.3, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+        # the crop size it is traced at, and a whole non-square frame (Pipeline._frame_mask)
+        args = (torch.rand(3, 1, 64, 64),) if kind == "segnet" else (torch.rand(1, 1, 128, 96),)
+    else:
+        model = Matcher(MatcherConfig(arch="flow"))
+        torch.nn.init.normal_(model.flow.out.weight, std=0.1)     # not the identity
+        args = (torch.rand(3, 1, 28, 28), torch.rand(3, 1, 28, 28))
+    model.eval()
+    fast = model.for_inference()
+    assert fast.__dict__.get("_frozen") is not None
+    # not a submodule: state_dict and modules() see only the network's own layers
+    assert not any("owner" in k or "_frozen" in k for k in fast.state_dict())
+    assert not any(isinstance(m, torch.jit.ScriptModule) for m in fast.modules())
+    with torch.no_grad():
+        want, got = model(*args), fast(*args)
+    for w, g in zip(want if isinstance(want, tuple) else (want,),
+                    got if isinstance(got, tuple) else (got,)):
+        assert torch.allclose(w, g, atol=1e-4) and g.abs().max() > 0
+    out = fast(*args)
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()                                     # eager: gradients reach weights
+    assert any(p.grad is not None for p in fast.parameters())
+
+
 def test_part_labelled_matcher_takes_two_channels_and_starts_at_identity():
     from registration.config import MatcherConfig
     from registration.matcher import Matcher

@@ -3,6 +3,7 @@ back. Each property states a known answer that must hold for every shape, dtype 
 hypothesis draws; a few dozen examples per test keep each one to a second or two."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from registration import anchors, tps  # noqa: E402
 from registration.coords import identity_grid  # noqa: E402
-from registration.pipeline import (crop, crop_mask, paste_points,  # noqa: E402
+from registration.pipeline import (crop, crop_mask, paste_slices, uncrop,  # noqa: E402
                                    square_around)
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -209,38 +210,47 @@ def test_square_around_is_a_centred_square_holding_the_box(x0, y0, bw, bh, margi
 
 
 @FAST
-@given(st.integers(1, 60), st.integers(1, 60), box_coords, box_coords, floats(0.5, 90))
-def test_paste_points_are_the_pixels_inside_the_square(h, w, x0, y0, side):
+@given(st.integers(1, 60), st.integers(1, 60), box_coords, box_coords, floats(0.5, 90),
+       st.integers(4, 64))
+def test_paste_slices_are_the_pixels_inside_the_square_and_uncrop_maps_them(h, w, x0, y0, side,
+                                                                            s):
     square = (x0, y0, x0 + side, y0 + side)
-    sl, pts = paste_points(square, (h, w))
+    sl = paste_slices(square, (h, w))
     cols = np.arange(w) + 0.5
     rows = np.arange(h) + 0.5
     inside_c = cols[(cols >= x0) & (cols <= x0 + side)]
     inside_r = rows[(rows >= y0) & (rows <= y0 + side)]
     if sl is None:
-        assert pts is None and (len(inside_c) == 0 or len(inside_r) == 0)
+        assert len(inside_c) == 0 or len(inside_r) == 0
         return
     rs, cs = sl
     assert 0 <= rs.start < rs.stop <= h and 0 <= cs.start < cs.stop <= w
-    assert pts.dtype == np.float32 and pts.shape == ((rs.stop - rs.start) * (cs.stop - cs.start), 2)
-    assert np.all(pts >= -1 - 1e-5) and np.all(pts <= 1 + 1e-5)
-    # the normalised coordinates are the pixel centres, mapped from the square to [-1, 1]
-    gx = 2 * (np.arange(cs.start, cs.stop) + 0.5 - x0) / side - 1
-    gy = 2 * (np.arange(rs.start, rs.stop) + 0.5 - y0) / side - 1
-    assert np.allclose(pts[:, 0].reshape(len(gy), len(gx)), gx[None, :], atol=1e-5)
-    assert np.allclose(pts[:, 1].reshape(len(gy), len(gx)), gy[:, None], atol=1e-5)
     # every pixel whose centre is strictly inside is pasted (boundary centres may go either way)
     strict_c = cols[(cols > x0 + 1e-6) & (cols < x0 + side - 1e-6)]
     strict_r = rows[(rows > y0 + 1e-6) & (rows < y0 + side - 1e-6)]
     assert cs.stop - cs.start >= len(strict_c) and rs.stop - rs.start >= len(strict_r)
+    # uncrop of the crop's own normalised pixel-centre coordinates gives each pasted pixel's
+    # normalised coordinates in the square (a linear ramp is interpolated exactly, up to
+    # OpenCV's 1/32-pixel fixed point), clamped to the outermost centres by BORDER_REPLICATE
+    ident = identity_grid((s, s)).numpy()
+    got = uncrop(ident, square, sl, cv2.BORDER_REPLICATE)
+    assert got.shape == (rs.stop - rs.start, cs.stop - cs.start, 2)
+    lim = 1 - 1 / s
+    gx = np.clip(2 * (np.arange(cs.start, cs.stop) + 0.5 - x0) / side - 1, -lim, lim)
+    gy = np.clip(2 * (np.arange(rs.start, rs.stop) + 0.5 - y0) / side - 1, -lim, lim)
+    tol = 2 / (32 * s) + 1e-5
+    assert np.allclose(got[..., 0], gx[None, :], atol=tol)
+    assert np.allclose(got[..., 1], gy[:, None], atol=tol)
 
 
 @FAST
 @given(st.integers(1, 50))
-def test_paste_points_of_a_square_frame_are_its_identity_grid(n):
-    sl, pts = paste_points((0, 0, n, n), (n, n))
+def test_uncrop_of_a_square_frame_cropped_at_its_own_size_is_the_identity(n):
+    sl = paste_slices((0, 0, n, n), (n, n))
     assert sl == (slice(0, n), slice(0, n))
-    assert np.allclose(pts.reshape(n, n, 2), identity_grid((n, n)).numpy(), atol=1e-6)
+    img = np.random.default_rng(n).random((n, n)).astype(np.float32)
+    assert np.allclose(uncrop(img, (0, 0, n, n), sl), img, atol=1e-6)
+    assert np.allclose(uncrop(crop(img, (0, 0, n, n), n), (0, 0, n, n), sl), img, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +289,7 @@ def test_crop_and_paste_back_with_identity_params_returns_the_mask(identity_pipe
     back = identity_pipeline._paste(zero, small, square, mask.shape)
     assert back.shape == mask.shape and back.dtype == bool
     # outside the square nothing is pasted
-    sl, _ = paste_points(square, mask.shape)
+    sl = paste_slices(square, mask.shape)
     outside = np.ones(mask.shape, bool)
     outside[sl] = False
     assert not back[outside].any()

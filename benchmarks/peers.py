@@ -399,14 +399,15 @@ def main(argv=None) -> None:
         print(f"{name} …", flush=True)
         res[name] = run_classical(key, mov, fix, PARAMS[key])
         single[name] = lambda i, key=key: FUNCS[key](mov[i], fix[i], **PARAMS[key])
-    # channels-last, as the pipeline runs the networks (~15 % faster convolutions here)
-    model = checkpoint.load("mnist", "matcher").eval().to(memory_format=torch.channels_last)
+    # the inference copies the pipeline runs: channels-last, forward pass frozen
+    # (Matcher.for_inference, registration/frozen.py)
+    model = checkpoint.load("mnist", "matcher").for_inference()
     # the previous default, the paper's regressor design with an 8×8 grid: its one pass is the
     # "single-step STN" row (the 4×4 paper preset does not train, README), its 3-pass cascade
     learned = []
     prev = checkpoint.try_load("mnist", "matcher-cascade")
     if prev is not None:
-        prev = prev.eval().to(memory_format=torch.channels_last)
+        prev = prev.for_inference()
         learned += [("paper's design: one STN pass (8×8 TPS regressor)", prev, 0, 1),
                     ("previous matcher: 8×8 regressor, 3 passes", prev, 0, 3)]
     learned += [("this matcher: flow U-Net → 12×12 TPS, one pass", model, 0, 1)]

@@ -4,7 +4,9 @@
 
 The shipped MNIST matcher's one-pass parameters on held-out test pairs, refined against the
 fixed mask at 28 px (the matcher's own size) and resized to 64 px (the pipeline's cap,
-``pipeline.MAX_REFINE_SIDE``), with ``fold_supersample`` 1 (the default) and 2. Single-pair
+``pipeline.MAX_REFINE_SIDE``; there the TPS grid is taken on the 28×28 crop and interpolated,
+as the pipeline does, or evaluated at every pixel), with ``fold_supersample`` 1 (the default)
+and 2. Single-pair
 times are medians over ``--pairs`` pairs with the four settings taking turns pair by pair (this
 host's speed drifts over minutes); batches of 64 and 256 at 28 px are timed after one warm-up
 batch. Prints a markdown table.
@@ -50,12 +52,17 @@ def main() -> None:
                                           align_corners=False)
     with torch.no_grad():
         p0 = base.predict(m, f28)
-    runs = {(size, sup): (lambda i, model=models[sup], f=f:
-                          model.refine(m[i:i + 1], f[i:i + 1], p0[i:i + 1], steps=args.steps))
-            for size, f in ((28, f28), (64, f64)) for sup in (1, 2)}
+    # at 64 px the TPS grid is by default taken on the 28×28 crop and interpolated (as the
+    # pipeline pastes); "exact" evaluates the spline at all 64×64 pixels
+    runs = {(size, sup, interp): (
+        lambda i, model=models[sup], f=f, interp=interp:
+        model.refine(m[i:i + 1], f[i:i + 1], p0[i:i + 1], steps=args.steps,
+                     interpolate=interp))
+        for size, f in ((28, f28), (64, f64)) for sup in (1, 2)
+        for interp in ((True,) if size == 28 else (True, False))}
     ms = interleaved_ms(runs, n=args.pairs)            # warm-up rounds load the compiled loop
     rows = []
-    for (size, sup), median_ms in ms.items():
+    for (size, sup, interp), median_ms in ms.items():
         batch = ""
         if size == 28:
             model = models[sup]
@@ -66,10 +73,12 @@ def main() -> None:
                 model.refine(m[:bs], f28[:bs], p0[:bs], steps=args.steps)
                 out.append(f"{bs / (time.perf_counter() - t0):,.0f}")
             batch = " / ".join(out)
-        rows.append([f"{size}×{size}", sup, f"{median_ms:.2f}", batch])
+        grid = "28×28 (its own)" if size == 28 else (
+            "28×28, interpolated" if interp else "64×64, exact")
+        rows.append([f"{size}×{size}", grid, sup, f"{median_ms:.2f}", batch])
     print(f"Matcher.refine, {args.steps} steps, {args.threads} threads, "
           f"{args.pairs} held-out MNIST pairs\n")
-    print(_table(["fixed mask", "fold_supersample", "ms for one pair (median)",
+    print(_table(["fixed mask", "TPS grid", "fold_supersample", "ms for one pair (median)",
                   "pairs/s in batches of 64 / 256"], rows))
 
 

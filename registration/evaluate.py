@@ -80,7 +80,7 @@ def evaluate_matcher(dataset: str, n: int, seed: int, out: Path,
     where the warp folds (det J ≤ 0); ms per pair (one pair at a time, median) and pairs/s in
     batches of 256. ``folder`` evaluates a checkpoint folder instead of the shipped one."""
     model = checkpoint.load_folder(folder) if folder else checkpoint.load(dataset, "matcher")
-    model = model.to(memory_format=torch.channels_last)
+    model = model.for_inference()             # what the pipeline runs (frozen, channels-last)
     size = model.cfg.input_size
     mov, fix = eval_pairs(dataset, n, seed, size)
     m = torch.from_numpy(mov).float().unsqueeze(1)

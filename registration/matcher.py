@@ -187,13 +187,18 @@ class Matcher(nn.Module):
 
     @torch.no_grad()
     def refine(self, moving: torch.Tensor, fixed: torch.Tensor, params: torch.Tensor | None = None,
-               steps: int = 10, lr: float | None = None) -> torch.Tensor:
+               steps: int = 10, lr: float | None = None, interpolate: bool = True
+               ) -> torch.Tensor:
         """Test-time refinement: a few Adam steps on the TPS parameters of each pair, from the
         network's prediction, minimising the training loss. Trades milliseconds for Dice.
 
         moving: (B, C, h, w) masks in [0, 1]; fixed: (B, C, H, W), any size (the loss is judged
         at the fixed mask's pixels); params: (B, P) start (default: predicted);
-        lr: Adam's step size (default ``cfg.refine_lr``).
+        lr: Adam's step size (default ``cfg.refine_lr``); interpolate: when the fixed mask has
+        more pixels than the S×S input, take the TPS grid on the S×S pixel centres and
+        interpolate it bilinearly at the fixed mask's pixels (as ``Pipeline`` pastes a warp into
+        the frame; a step costs O(S²·K + H·W) instead of O(H·W·K)); False evaluates the spline
+        at every pixel.
         Returns refined params (B, P), detached. Each pair is optimised independently (the loss
         is a sum over the batch). The loop is :func:`registration.refine.refine` (compiled).
         """
@@ -207,9 +212,11 @@ class Matcher(nn.Module):
         size = (int(fixed.shape[-2]), int(fixed.shape[-1]))
         sup = max(1, int(self.cfg.fold_supersample))
         perm, unperm, quad = self._refine_consts()
+        s = self.cfg.input_size
+        ops = self._warp_ops(size, interpolate and size[0] * size[1] > s * s)
         p = _refine.refine(
             moving.detach().float().cpu().numpy(), fixed.detach().float().cpu().numpy(),
-            p0.detach().cpu().numpy()[:, perm], self._warp_ops(size), quad, int(steps),
+            p0.detach().cpu().numpy()[:, perm], ops, quad, int(steps),
             self.cfg.refine_lr if lr is None else float(lr), self.cfg.smooth_weight,
             self.cfg.fold_weight, self.cfg.fold_margin,
             self._warp_ops((sup * size[0], sup * size[1])) if sup > 1 else None)
@@ -223,13 +230,16 @@ class Matcher(nn.Module):
                                      self._smoothness_form().numpy())
         return self._basis["refine"]
 
-    def _warp_ops(self, size: tuple[int, int]) -> _refine.WarpOps:
-        """:meth:`_split_operators` as NumPy arrays, for :mod:`registration.refine` (cached)."""
-        key = ("numpy", size)
+    def _warp_ops(self, size: tuple[int, int], from_crop: bool = False) -> _refine.WarpOps:
+        """:meth:`_split_operators` as NumPy arrays, for :mod:`registration.refine` (cached);
+        from_crop: the grid on the S×S input's pixel centres, interpolated at ``size``."""
+        key = ("numpy", size, from_crop)
         if key not in self._basis:
-            ops = self._split_operators(size)
+            s = self.cfg.input_size
+            ops = self._split_operators((s, s) if from_crop else size)
             self._basis[key] = _refine.WarpOps(ops["basis"].cpu().numpy(),
-                                               ops["base"].cpu().numpy(), size)
+                                               ops["base"].cpu().numpy(), size,
+                                               (s, s) if from_crop else None)
         return self._basis[key]
 
     def _split_operators(self, size: tuple[int, int]) -> dict[str, torch.Tensor]:

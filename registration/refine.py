@@ -16,6 +16,7 @@ Loss per pair: 1 − soft Dice(warp(moving), fixed) + smooth_weight · pᵀQp
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,21 +31,67 @@ ADAM_EPS = 1e-8
 MIN_PAIRS_PER_THREAD = 8       # below this a batch runs on the calling thread
 
 
-@dataclass(frozen=True)
-class WarpOps:
-    """The linear warp for one output size (H, W), float32.
-
-    basis: (3 + K, H·W); base: (2, H·W), the identity
-    grid's x and y rows in normalised units."""
-    basis: np.ndarray
-    base: np.ndarray
-    size: tuple[int, int]
-
-
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # the products below may reassociate their sums (vectorised); no BLAS: OpenBLAS's own threads
 # spin after each call and took the cores from PyTorch's (the MNIST pipeline ran 2× slower)
 _jit_sums = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
+
+
+@dataclass(frozen=True)
+class WarpOps:
+    """The linear warp for one output size (H, W), float32.
+
+    basis: (3 + K, N); base: (2, N), the identity grid's x and y rows in normalised units, on
+    the pixel centres of ``grid_size`` (N = its h·w; default (H, W) itself). A coarser grid is
+    interpolated bilinearly at the (H, W) pixels, edge values beyond its outermost centres
+    (``grid_sample(padding_mode="border")``), which is how ``Pipeline`` pastes a warp into a
+    larger frame: a step then costs O(N·K + H·W) instead of O(H·W·K)."""
+    basis: np.ndarray
+    base: np.ndarray
+    size: tuple[int, int]
+    grid_size: tuple[int, int] | None = None
+
+
+@functools.lru_cache(maxsize=512)
+def interpolation_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation along one axis from n_in to n_out pixel centres (same extent):
+    output i samples input coordinate u = (i + 0.5)·n_in/n_out − 0.5, clamped to
+    [0, n_in − 1], as taps (i0, i1, weight of i1), int64, int64, float32 (n_out,) each
+    (cached: treat as read-only)."""
+    u = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(u).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (u - i0).astype(np.float32)
+
+
+@_jit
+def _upsample(coarse, gw, fine, w, ix0, ix1, wx, iy0, iy1, wy):
+    """fine (2, H·W) = bilinear interpolation of coarse (2, gh·gw) with the taps above."""
+    for i in range(len(iy0)):
+        r0, r1, fy = iy0[i] * gw, iy1[i] * gw, wy[i]
+        for j in range(w):
+            a, b, fx = ix0[j], ix1[j], wx[j]
+            for c in range(2):
+                top = coarse[c, r0 + a] + fx * (coarse[c, r0 + b] - coarse[c, r0 + a])
+                bot = coarse[c, r1 + a] + fx * (coarse[c, r1 + b] - coarse[c, r1 + a])
+                fine[c, i * w + j] = top + fy * (bot - top)
+
+
+@_jit
+def _upsample_t(g_fine, gw, g_coarse, w, ix0, ix1, wx, iy0, iy1, wy):
+    """g_coarse (2, gh·gw) = the transpose of :func:`_upsample` applied to g_fine (2, H·W)."""
+    g_coarse[:] = 0.0
+    for i in range(len(iy0)):
+        r0, r1, fy = iy0[i] * gw, iy1[i] * gw, wy[i]
+        for j in range(w):
+            a, b, fx = ix0[j], ix1[j], wx[j]
+            for c in range(2):
+                g = g_fine[c, i * w + j]
+                gt, gb = g * (1 - fy), g * fy
+                g_coarse[c, r0 + a] += gt * (1 - fx)
+                g_coarse[c, r0 + b] += gt * fx
+                g_coarse[c, r1 + a] += gb * (1 - fx)
+                g_coarse[c, r1 + b] += gb * fx
 
 
 @_jit_sums
@@ -139,11 +186,15 @@ def _fold_grad(grid, h, w, margin, weight, out):
 
 @_jit
 def _refine_pair(moving, fixed, p, basis, base, h, w, quad, smooth2, steps, lr,
-                 fold_weight, fold_margin, f_basis, f_base, hf, wf, fine):
-    """Adam on one pair's parameters p (2, R) in place. moving (C, h_in, w_in); fixed (C, N)."""
+                 fold_weight, fold_margin, f_basis, f_base, hf, wf, fine, interp, grid_w, taps):
+    """Adam on one pair's parameters p (2, R) in place. moving (C, h_in, w_in); fixed (C, N);
+    interp: the grid is basis @ p on a coarser lattice (grid_w wide), upsampled with ``taps``."""
     n_ch, n = fixed.shape
     r = p.shape[1]
     b1, b2 = ADAM_BETAS
+    ix0, ix1, wx, iy0, iy1, wy = taps
+    coarse = np.empty((2, basis.shape[1]), np.float32)
+    g_coarse = np.empty((2, basis.shape[1]), np.float32)
     grid = np.empty((2, n), np.float32)
     values = np.empty((n_ch, n), np.float32)
     d_x = np.empty((n_ch, n), np.float32)
@@ -161,7 +212,11 @@ def _refine_pair(moving, fixed, p, basis, base, h, w, quad, smooth2, steps, lr,
     flat_p = p.reshape(2 * r)
     flat_g = g.reshape(2 * r)
     for t in range(1, steps + 1):
-        _grid(p, basis, base, grid)
+        if interp:
+            _grid(p, basis, base, coarse)
+            _upsample(coarse, grid_w, grid, w, ix0, ix1, wx, iy0, iy1, wy)
+        else:
+            _grid(p, basis, base, grid)
         _sample(moving, grid, values, d_x, d_y)
         inter, w_sum = 0.0, 0.0
         for ch in range(n_ch):
@@ -182,7 +237,11 @@ def _refine_pair(moving, fixed, p, basis, base, h, w, quad, smooth2, steps, lr,
         if fold_weight != 0.0 and not fine:
             _fold_grad(grid, h, w, fold_margin, fold_weight, g_grid)
         g[:] = 0.0
-        _pull_back(g_grid, basis, g)
+        if interp:
+            _upsample_t(g_grid, grid_w, g_coarse, w, ix0, ix1, wx, iy0, iy1, wy)
+            _pull_back(g_coarse, basis, g)
+        else:
+            _pull_back(g_grid, basis, g)
         if fold_weight != 0.0 and fine:        # folding judged on a finer grid than the pixels
             _grid(p, f_basis, f_base, fine_grid)
             fine_g[:] = 0.0
@@ -218,13 +277,21 @@ def refine(moving: np.ndarray, fixed: np.ndarray, params: np.ndarray, ops: WarpO
     fix = np.ascontiguousarray(fixed, dtype=np.float32).reshape(b, c, h * w)
     p = np.array(params, np.float32, order="C").reshape(b, 2, -1)   # a copy: refined in place
     fine = fold_ops if fold_ops is not None else ops
+    if fold_ops is not None and fold_ops.grid_size not in (None, fold_ops.size):
+        raise ValueError("fold_ops: expected an exact grid (grid_size None or its size)")
+    gh, gw = ops.grid_size or (h, w)
+    if ops.basis.shape[1] != gh * gw:
+        raise ValueError(f"ops.basis: expected {gh * gw} columns for grid_size {(gh, gw)}, "
+                         f"got {ops.basis.shape[1]}")
+    interp = (gh, gw) != (h, w)
+    taps = (*interpolation_taps(w, gw), *interpolation_taps(h, gh))
 
     def run(items: range) -> None:
         for i in items:
             _refine_pair(mov[i], fix[i], p[i], ops.basis, ops.base, h, w, quad,
                          np.float32(2 * smooth_weight), int(steps), float(lr), float(fold_weight),
                          float(fold_margin), fine.basis, fine.base, fine.size[0],
-                         fine.size[1], fold_ops is not None)
+                         fine.size[1], fold_ops is not None, interp, gw, taps)
 
     # the compiled loop releases the GIL: split a batch over torch's thread count
     n_threads = min(torch.get_num_threads(), b // MIN_PAIRS_PER_THREAD)

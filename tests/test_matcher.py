@@ -8,13 +8,21 @@ from registration.losses import fold_penalty, matcher_loss
 from registration.matcher import Matcher
 
 
-def _reference_refine(model, moving, fixed, p0, steps, lr=0.02):
-    """Refinement written the plain way: autograd through tps_grid and matcher_loss, torch Adam."""
+def _reference_refine(model, moving, fixed, p0, steps, lr=0.02, coarse=None):
+    """Refinement written the plain way: autograd through tps_grid and matcher_loss, torch Adam.
+    coarse: take the grid on a coarse×coarse lattice, interpolated at the fixed pixels."""
+    from registration.coords import identity_grid
     p = p0.clone().requires_grad_(True)
     opt = torch.optim.Adam([p], lr=lr)
     size = tuple(fixed.shape[-2:])
     for _ in range(steps):
-        grid = tps.tps_grid(p, model.ctrl, size)
+        if coarse is None:
+            grid = tps.tps_grid(p, model.ctrl, size)
+        else:
+            g = tps.tps_grid(p, model.ctrl, (coarse, coarse)).permute(0, 3, 1, 2)
+            at = identity_grid(size)[None].expand(len(p), -1, -1, -1)
+            grid = torch.nn.functional.grid_sample(g, at, mode="bilinear", padding_mode="border",
+                                                   align_corners=False).permute(0, 2, 3, 1)
         warped = tps.warp_image(moving, grid)
         _, offsets = tps.split_params(p, model.n_ctrl)
         sup = model.cfg.fold_supersample
@@ -41,6 +49,27 @@ def test_fast_refinement_equals_the_plain_autograd_version(margin, supersample):
     got = model.refine(moving, fixed, p0, steps=8, lr=0.02)
     assert (want - p0).abs().max() > 0.05                    # the steps did move the parameters
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_refinement_against_a_larger_fixed_mask_interpolates_the_crop_grid():
+    """Fixed masks with more pixels than the S×S input: the grid is taken on the S×S pixel
+    centres and interpolated at the fixed pixels (as the pipeline pastes), equal to autograd
+    through the same interpolation; interpolate=False evaluates the spline at every pixel.
+    (Seed 2: on some random-noise masks a parameter's gradient is ~1e-9, and Adam turns the
+    two implementations' rounding there into full steps of opposite sign.)"""
+    torch.manual_seed(2)
+    model = Matcher(MatcherConfig(grid_size=4, smooth_weight=0.5, fold_weight=2.0,
+                                  fold_margin=0.3))
+    moving = (torch.rand(2, 1, 28, 28) > 0.6).float()
+    fixed = (torch.rand(2, 1, 48, 40) > 0.6).float()
+    p0 = torch.randn(2, tps.n_params(4)) * 0.1
+    want = _reference_refine(model, moving, fixed, p0, steps=6, coarse=28)
+    got = model.refine(moving, fixed, p0, steps=6, lr=0.02)
+    assert (want - p0).abs().max() > 0.05
+    assert torch.allclose(got, want, atol=1e-4)
+    exact = model.refine(moving, fixed, p0, steps=6, lr=0.02, interpolate=False)
+    assert torch.allclose(exact, _reference_refine(model, moving, fixed, p0, steps=6), atol=1e-4)
+    assert not torch.allclose(exact, got, atol=1e-3)
 
 
 def test_one_pass_predict_is_the_network_and_two_passes_compose():

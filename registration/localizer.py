@@ -166,9 +166,12 @@ class Localizer(nn.Module):
         logits, offsets = self(fixed, moving)
         best = logits.argmax(dim=1)
         idx = torch.arange(len(best), device=best.device)
-        boxes = anc.decode(offsets[idx, best].float(), self.anchors[best], self.cfg.box_weights)
+        # one box per image: decoded in NumPy (float64), not in a dozen tiny torch operations
+        boxes = anc.decode(offsets[idx, best].double().cpu().numpy(),
+                           self.anchors[best].double().cpu().numpy(), self.cfg.box_weights)
         s = float(self.cfg.image_size)
-        return boxes.clamp(0, s), torch.sigmoid(logits[idx, best].float())
+        boxes = torch.from_numpy(boxes.clip(0, s)).to(device=offsets.device, dtype=torch.float32)
+        return boxes, torch.sigmoid(logits[idx, best].float())
 
     @torch.no_grad()
     def candidates(self, fixed: torch.Tensor, moving: torch.Tensor, k: int = 5,

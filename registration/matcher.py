@@ -179,6 +179,21 @@ class Matcher(nn.Module):
                          params[:, ops["perm"]].reshape(2 * b, -1), basis)
         return g2.view(b, 2, h, w).permute(0, 2, 3, 1)
 
+    def grid_numpy(self, params, size: tuple[int, int]) -> np.ndarray:
+        """:meth:`grid` for one pair's params (P,) as a C-contiguous (H, W, 2) float32 NumPy
+        array, by the refinement's compiled product (no autograd; ~10× faster than
+        :meth:`grid` for one pair)."""
+        ops = self._warp_ops((int(size[0]), int(size[1])))
+        perm = self._refine_consts()[0]
+        p = np.asarray(params.detach().cpu().numpy() if isinstance(params, torch.Tensor)
+                       else params, dtype=np.float32)
+        if p.shape != (len(perm),):
+            raise ValueError(f"params: expected ({len(perm)},), got {p.shape}")
+        out = np.empty((2, ops.basis.shape[1]), np.float32)
+        _refine.grid_product(np.ascontiguousarray(p[perm].reshape(2, -1)), ops.basis, ops.base,
+                             out)
+        return np.ascontiguousarray(out.reshape(2, *ops.size).transpose(1, 2, 0))
+
     def warp(self, moving: torch.Tensor, params: torch.Tensor,
              size: tuple[int, int] | None = None) -> torch.Tensor:
         """Warp moving (B, C, H, W) onto the fixed frame → (B, C, h, w) (default: same size)."""

@@ -138,7 +138,7 @@ def bright_foreground(gray: np.ndarray) -> np.ndarray:
     """Objects are bright on a dark background in all our data; invert an image whose border
     is mostly bright (a dark object on white paper)."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return 1 - gray if np.median(border) > 0.5 else gray
+    return 1 - gray if 2 * np.count_nonzero(border > 0.5) > border.size else gray
 
 
 def _to_work_res(gray: np.ndarray) -> tuple[np.ndarray, float]:
@@ -420,7 +420,7 @@ class Pipeline:
     def _crop_grid(params: torch.Tensor, s: int, matcher) -> np.ndarray:
         """The TPS sampling grid of one pair's ``params`` (P,) on the S×S crop: (S, S, 2)
         float32, normalised (x, y) in the moving crop for each fixed-crop pixel."""
-        return matcher.grid(params[None].float(), (s, s))[0].numpy()
+        return matcher.grid_numpy(params, (s, s))
 
     def match(self, moving_mask, fixed_mask, refine_steps: int | None = None) -> Result:
         """The matcher alone on two object-centric masks (any equal or unequal sizes, resized

@@ -95,7 +95,7 @@ def _upsample_t(g_fine, gw, g_coarse, w, ix0, ix1, wx, iy0, iy1, wy):
 
 
 @_jit_sums
-def _grid(p, basis, base, out):
+def grid_product(p, basis, base, out):
     """out (2, N) = p (2, R) @ basis (R, N) + base (2, N)."""
     o0, o1 = out[0], out[1]
     o0[:] = base[0]
@@ -213,10 +213,10 @@ def _refine_pair(moving, fixed, p, basis, base, h, w, quad, smooth2, steps, lr,
     flat_g = g.reshape(2 * r)
     for t in range(1, steps + 1):
         if interp:
-            _grid(p, basis, base, coarse)
+            grid_product(p, basis, base, coarse)
             _upsample(coarse, grid_w, grid, w, ix0, ix1, wx, iy0, iy1, wy)
         else:
-            _grid(p, basis, base, grid)
+            grid_product(p, basis, base, grid)
         _sample(moving, grid, values, d_x, d_y)
         inter, w_sum = 0.0, 0.0
         for ch in range(n_ch):
@@ -243,7 +243,7 @@ def _refine_pair(moving, fixed, p, basis, base, h, w, quad, smooth2, steps, lr,
         else:
             _pull_back(g_grid, basis, g)
         if fold_weight != 0.0 and fine:        # folding judged on a finer grid than the pixels
-            _grid(p, f_basis, f_base, fine_grid)
+            grid_product(p, f_basis, f_base, fine_grid)
             fine_g[:] = 0.0
             _fold_grad(fine_grid, hf, wf, fold_margin, fold_weight, fine_g)
             _pull_back(fine_g, f_basis, g)

@@ -36,6 +36,10 @@ def test_box_coding_round_trip():
     boxes = torch.cat([xy, xy + wh], 1)
     back = anc.decode(anc.encode(boxes, a), a)
     assert (back - boxes).abs().max() < 1e-3
+    # NumPy arrays decode the same (Localizer.predict decodes its one box per image so)
+    off = anc.encode(boxes, a)
+    back_np = anc.decode(off.double().numpy(), a.double().numpy())
+    assert abs(back_np - back.double().numpy()).max() < 1e-3
 
 
 def test_box_convert_equals_torchvision_both_ways():

@@ -230,6 +230,9 @@ def test_cached_grid_equals_the_tps_grid():
     for size in ((28, 28), (17, 40)):
         want = tps.tps_grid(p, model.ctrl, size)
         assert torch.allclose(model.grid(p, size), want, atol=1e-5)
+        one = model.grid_numpy(p[1], size)                # one pair, compiled, for the app
+        assert one.shape == (*size, 2) and one.flags.c_contiguous
+        assert torch.allclose(torch.from_numpy(one), want[1], atol=1e-5)
     p64 = p.double().requires_grad_(True)                 # differentiable, any float dtype
     model.grid(p64, (9, 9)).sum().backward()
     assert p64.grad is not None and p64.grad.dtype == torch.float64

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,12 +70,24 @@ def load_pipelines(entries: list[DatasetEntry]) -> dict[str, Pipeline]:
     pipes = {}
     for d in entries:
         try:
-            pipes[d.name] = Pipeline.from_pretrained(d.name)
+            # the networks' frozen traces (~2 s for the three data sets) are made after start,
+            # in the background; until then requests run the eager networks (same outputs)
+            pipes[d.name] = Pipeline.from_pretrained(d.name, freeze=False)
         except Exception:
             log.exception("could not load the %r pipeline; it is left out of the app", d.name)
     if not pipes:
         raise SystemExit("no pipeline could be loaded (see the log above); nothing to serve")
+    threading.Thread(target=_freeze_all, args=(list(pipes.values()),), daemon=True,
+                     name="freeze-networks").start()
     return pipes
+
+
+def _freeze_all(pipes: list[Pipeline]) -> None:
+    for p in pipes:
+        try:
+            p.freeze()
+        except Exception:                              # the eager networks keep serving
+            log.exception("freezing a pipeline's networks failed; they stay eager")
 
 
 def load_examples(entry: DatasetEntry) -> list[dict]:

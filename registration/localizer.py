@@ -138,11 +138,12 @@ class Localizer(nn.Module):
         p = torch.cat(preds, dim=1)
         return p[..., 0], p[..., 1:]
 
-    def for_inference(self) -> "Localizer":
+    def for_inference(self, freeze: bool = True) -> "Localizer":
         """An eval-mode copy with every BatchNorm folded into its convolution (same outputs up
         to float rounding, fewer passes over the 112×112 feature maps) in channels-last layout,
         whose forward pass without gradients runs a frozen TorchScript trace
-        (:mod:`registration.frozen`; eager if tracing fails)."""
+        (:mod:`registration.frozen`; eager if tracing fails; ``freeze=False``: later, by
+        :meth:`freeze`)."""
         import copy
 
         from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -153,12 +154,18 @@ class Localizer(nn.Module):
                 seq[0] = fuse_conv_bn_eval(seq[0], seq[1])
                 seq[1] = nn.Identity()
         m = m.to(memory_format=torch.channels_last)
+        if freeze:
+            m.freeze()
+        return m
+
+    def freeze(self) -> bool:
+        """Run the forward pass without gradients as a frozen TorchScript trace from now on
+        (:mod:`registration.frozen`; for an eval-mode inference copy). True if frozen."""
         cfg = self.cfg
-        frozen.attach(m, "_net", (
+        return frozen.attach(self, "_net", (
             torch.zeros(1, 1, cfg.image_size, cfg.image_size).contiguous(
                 memory_format=torch.channels_last),
             torch.zeros(1, 1, cfg.query_size, cfg.query_size)))
-        return m
 
     @torch.no_grad()
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor):

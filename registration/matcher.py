@@ -121,16 +121,23 @@ class Matcher(nn.Module):
             return disp @ self.flow_proj.T
         return self.head(self.fc(self.pool(self.features(x))))
 
-    def for_inference(self) -> "Matcher":
+    def for_inference(self, freeze: bool = True) -> "Matcher":
         """An eval-mode copy in channels-last layout whose forward pass without gradients runs
-        a frozen TorchScript trace (:mod:`registration.frozen`; eager if tracing fails).
-        Warping, cascades and refinement are unchanged."""
+        a frozen TorchScript trace (:mod:`registration.frozen`; eager if tracing fails;
+        ``freeze=False``: later, by :meth:`freeze`). Warping, cascades and refinement are
+        unchanged."""
         import copy
         m = copy.deepcopy(self).eval().to(memory_format=torch.channels_last)
+        if freeze:
+            m.freeze()
+        return m
+
+    def freeze(self) -> bool:
+        """Run the forward pass without gradients as a frozen TorchScript trace from now on
+        (:mod:`registration.frozen`; for an eval-mode inference copy). True if frozen."""
         c, s = self.cfg.mask_channels, self.cfg.input_size
         ex = torch.zeros(1, c, s, s).contiguous(memory_format=torch.channels_last)
-        frozen.attach(m, "_net", (ex, ex))
-        return m
+        return frozen.attach(self, "_net", (ex, ex))
 
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor,
                 passes: int | None = None) -> torch.Tensor:

@@ -281,17 +281,19 @@ class Pipeline:
 
     def __init__(self, matcher, localizer=None, matcher_full=None,
                  dataset: DatasetConfig | None = None, refine_steps: int = 0, segmenter=None,
-                 verifier=None):
+                 verifier=None, freeze: bool = True):
         # inference copies: channels-last layout (convolutions ~1.4× faster on CPU here),
-        # BatchNorms folded, forward passes frozen (registration.frozen)
-        self.matcher = matcher.for_inference()
-        self.localizer = localizer.for_inference() if localizer is not None else None
-        self.matcher_full = matcher_full.for_inference() if matcher_full is not None else None
+        # BatchNorms folded, forward passes frozen (registration.frozen; freeze=False: later,
+        # by freeze(), e.g. in a background thread so that an app starts ~2 s sooner)
+        self.matcher = matcher.for_inference(freeze)
+        self.localizer = localizer.for_inference(freeze) if localizer is not None else None
+        self.matcher_full = (matcher_full.for_inference(freeze) if matcher_full is not None
+                             else None)
         self.dataset = dataset or DatasetConfig()
         if self.dataset.segmenter == "learned" and segmenter is None:
             raise ValueError(f"segmenter: data set {self.dataset.name!r} segments with a learned "
                              "segmenter, got None")
-        self.segmenter = segmenter.for_inference() if segmenter is not None else None
+        self.segmenter = segmenter.for_inference(freeze) if segmenter is not None else None
         # re-ranking of the SSD's candidates by a learned same-object verifier (else by shape
         # overlap; see _rerank)
         self.verifier = verifier.eval() if verifier is not None else None
@@ -299,9 +301,17 @@ class Pipeline:
         # one-shot prediction (0 = the network alone, fastest)
         self.refine_steps = int(refine_steps)
 
+    def freeze(self) -> None:
+        """Freeze the networks' forward passes (:mod:`registration.frozen`) where not done yet;
+        safe to call from another thread while the pipeline serves requests (until each is
+        frozen it runs eagerly, with the same outputs)."""
+        for net in (self.localizer, self.matcher, self.matcher_full, self.segmenter):
+            if net is not None and net.__dict__.get("_frozen") is None:
+                net.freeze()
+
     @classmethod
-    def from_pretrained(cls, name: str = "mnist",
-                        refine_steps: int = DEFAULT_REFINE_STEPS) -> "Pipeline":
+    def from_pretrained(cls, name: str = "mnist", refine_steps: int = DEFAULT_REFINE_STEPS,
+                        freeze: bool = True) -> "Pipeline":
         """Load ``checkpoints/<name>/{matcher,localizer,matcher-full}`` (else from the Hub).
 
         The matcher (and, for data sets segmented by a network, the segmenter) is required;
@@ -316,7 +326,8 @@ class Pipeline:
         # to mask overlap, with a warning
         ver = checkpoint.try_load(name, "verifier") if ds.verifier else None
         return cls(checkpoint.load(name, "matcher"), checkpoint.try_load(name, "localizer"),
-                   checkpoint.try_load(name, "matcher-full"), ds, refine_steps, seg, ver)
+                   checkpoint.try_load(name, "matcher-full"), ds, refine_steps, seg, ver,
+                   freeze=freeze)
 
     # -- segmentation ----------------------------------------------------------------------
 

@@ -72,11 +72,11 @@ class SegNet(nn.Module):
         fast = frozen.use_frozen(self)
         return (fast or self._net)(x)
 
-    def for_inference(self) -> "SegNet":
+    def for_inference(self, freeze: bool = True) -> "SegNet":
         """An eval-mode copy with every BatchNorm folded into its convolution, in channels-last
         layout, whose forward pass without gradients runs a frozen TorchScript trace
         (:mod:`registration.frozen`, checked at the crop size and at twice it; eager if
-        tracing fails)."""
+        tracing fails; ``freeze=False``: later, by :meth:`freeze`)."""
         import copy
 
         from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -87,10 +87,16 @@ class SegNet(nn.Module):
                     block[i] = fuse_conv_bn_eval(block[i], block[i + 1])
                     block[i + 1] = nn.Identity()
         m = m.to(memory_format=torch.channels_last)
+        if freeze:
+            m.freeze()
+        return m
+
+    def freeze(self) -> bool:
+        """Run the forward pass without gradients as a frozen TorchScript trace from now on
+        (:mod:`registration.frozen`; for an eval-mode inference copy). True if frozen."""
         s = self.cfg.input_size
         ex = lambda k: (torch.rand(1, 1, k, k).contiguous(memory_format=torch.channels_last),)
-        frozen.attach(m, "_net", ex(s), also=(ex(2 * s),))
-        return m
+        return frozen.attach(self, "_net", ex(s), also=(ex(2 * s),))
 
     def _net(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` without its input check (what :meth:`for_inference` freezes)."""

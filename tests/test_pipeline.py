@@ -92,6 +92,22 @@ def test_paste_matches_the_spline_evaluated_at_every_frame_pixel(untrained):
     assert (got != want).sum() <= 0.02 * want.sum() and not ((got != want) & ~band).any()
 
 
+def test_freezing_later_gives_the_same_results():
+    """Pipeline(freeze=False) starts with eager networks (the app freezes them in the
+    background after start); freeze() makes the frozen traces, same registrations."""
+    lazy = Pipeline.from_pretrained("mnist", freeze=False)
+    nets = [lazy.localizer, lazy.matcher, lazy.matcher_full]
+    assert all(n.__dict__.get("_frozen") is None for n in nets)
+    ss = [scenes.SceneGenerator("test", seed=11).sample() for _ in range(3)]
+    before = [lazy.register(s.moving, s.fixed) for s in ss]
+    lazy.freeze()
+    assert all(n.__dict__.get("_frozen") is not None for n in nets)
+    for s, b in zip(ss, before):
+        a = lazy.register(s.moving, s.fixed)
+        assert np.allclose(a.box, b.box, atol=1e-3) and a.warped_mask_full.shape == s.fixed.shape
+        assert metrics.dice(a.warped_mask_full, b.warped_mask_full) > 0.99
+
+
 def test_best_fit_keeps_broken_strokes_and_drops_neighbours():
     m = np.zeros((40, 40), bool)
     m[5:15, 5:8] = True        # stroke 1 inside

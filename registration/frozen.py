@@ -77,3 +77,22 @@ def use_frozen(owner: nn.Module) -> Callable | None:
     """The frozen forward attached to ``owner``, if any and gradients are off; else None."""
     fn = owner.__dict__.get("_frozen")
     return fn if fn is not None and not torch.is_grad_enabled() else None
+
+
+def finish_inference_copy(model: nn.Module, sequences=(), conv_positions=(0,),
+                          freeze: bool = True) -> nn.Module:
+    """The common end of the networks' ``for_inference``: ``model`` (an eval-mode deep copy)
+    gets every BatchNorm that directly follows a convolution at ``conv_positions`` of each
+    ``nn.Sequential`` in ``sequences`` folded into it (an ``nn.Identity`` left in its place;
+    same outputs up to float rounding), is put in channels-last layout, and, if ``freeze``,
+    has its forward pass frozen by its own ``freeze()``. Returns it."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    for seq in sequences:
+        for i in conv_positions:
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+                seq[i + 1] = nn.Identity()
+    model = model.to(memory_format=torch.channels_last)
+    if freeze:
+        model.freeze()
+    return model

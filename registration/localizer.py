@@ -145,18 +145,10 @@ class Localizer(nn.Module):
         (:mod:`registration.frozen`; eager if tracing fails; ``freeze=False``: later, by
         :meth:`freeze`)."""
         import copy
-
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
         m = copy.deepcopy(self).eval()
-        for seq in [*m.blocks, *(b for b in (m.query.net if hasattr(m, "query") else [])
-                                 if isinstance(b, nn.Sequential))]:
-            if isinstance(seq[1], nn.BatchNorm2d):
-                seq[0] = fuse_conv_bn_eval(seq[0], seq[1])
-                seq[1] = nn.Identity()
-        m = m.to(memory_format=torch.channels_last)
-        if freeze:
-            m.freeze()
-        return m
+        seqs = [*m.blocks, *(b for b in (m.query.net if hasattr(m, "query") else [])
+                             if isinstance(b, nn.Sequential))]
+        return frozen.finish_inference_copy(m, seqs, (0,), freeze)
 
     def freeze(self) -> bool:
         """Run the forward pass without gradients as a frozen TorchScript trace from now on

@@ -127,10 +127,7 @@ class Matcher(nn.Module):
         ``freeze=False``: later, by :meth:`freeze`). Warping, cascades and refinement are
         unchanged."""
         import copy
-        m = copy.deepcopy(self).eval().to(memory_format=torch.channels_last)
-        if freeze:
-            m.freeze()
-        return m
+        return frozen.finish_inference_copy(copy.deepcopy(self).eval(), freeze=freeze)
 
     def freeze(self) -> bool:
         """Run the forward pass without gradients as a frozen TorchScript trace from now on

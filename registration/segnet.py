@@ -78,18 +78,8 @@ class SegNet(nn.Module):
         (:mod:`registration.frozen`, checked at the crop size and at twice it; eager if
         tracing fails; ``freeze=False``: later, by :meth:`freeze`)."""
         import copy
-
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
         m = copy.deepcopy(self).eval()
-        for block in [*m.down, *m.up]:
-            for i in (0, 3):
-                if isinstance(block[i + 1], nn.BatchNorm2d):
-                    block[i] = fuse_conv_bn_eval(block[i], block[i + 1])
-                    block[i + 1] = nn.Identity()
-        m = m.to(memory_format=torch.channels_last)
-        if freeze:
-            m.freeze()
-        return m
+        return frozen.finish_inference_copy(m, [*m.down, *m.up], (0, 3), freeze)
 
     def freeze(self) -> bool:
         """Run the forward pass without gradients as a frozen TorchScript trace from now on

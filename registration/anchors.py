@@ -17,15 +17,13 @@ def box_convert(boxes, in_fmt: str, out_fmt: str):
     """(..., 4) boxes (tensor or NumPy array) between "xyxy" (corners) and "cxcywh" (centre,
     width, height), as ``torchvision.ops.box_convert`` (tested against it) without importing
     torchvision, which pulls in torch._dynamo (~2 s of an app's start or first request)."""
-    cat = np.concatenate if isinstance(boxes, np.ndarray) else torch.cat
+    cat = _xp(boxes).concatenate
     if (in_fmt, out_fmt) == ("cxcywh", "xyxy"):
         c, half = boxes[..., :2], boxes[..., 2:] / 2
         return cat([c - half, c + half], axis=-1)
     if (in_fmt, out_fmt) == ("xyxy", "cxcywh"):
         a, b = boxes[..., :2], boxes[..., 2:]
         return cat([(a + b) / 2, b - a], axis=-1)
-    if in_fmt == out_fmt in ("xyxy", "cxcywh"):
-        return boxes.clone()
     raise ValueError(f"in_fmt/out_fmt: expected 'xyxy' or 'cxcywh', got {in_fmt!r} → {out_fmt!r}")
 
 

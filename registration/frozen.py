@@ -73,6 +73,11 @@ def attach(owner: nn.Module, name: str, example: tuple[torch.Tensor, ...],
     return fn is not None
 
 
+def is_frozen(owner: nn.Module) -> bool:
+    """Has :func:`attach` given ``owner`` a frozen forward pass?"""
+    return owner.__dict__.get("_frozen") is not None
+
+
 def use_frozen(owner: nn.Module) -> Callable | None:
     """The frozen forward attached to ``owner``, if any and gradients are off; else None."""
     fn = owner.__dict__.get("_frozen")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from . import checkpoint, segment, tps
+from . import checkpoint, frozen, segment, tps
 from .config import DatasetConfig
 from .coords import norm_to_pixel
 from .verify import mask_overlap
@@ -306,7 +306,7 @@ class Pipeline:
         safe to call from another thread while the pipeline serves requests (until each is
         frozen it runs eagerly, with the same outputs)."""
         for net in (self.localizer, self.matcher, self.matcher_full, self.segmenter):
-            if net is not None and net.__dict__.get("_frozen") is None:
+            if net is not None and not frozen.is_frozen(net):
                 net.freeze()
 
     @classmethod
@@ -407,31 +407,22 @@ class Pipeline:
     def _crop_result(self, params: torch.Tensor, mov_crop, mov_mask, fix_crop, fix_mask,
                      matcher=None, grid: np.ndarray | None = None) -> dict:
         """The crop-level fields of a Result; ``grid``: the S×S sampling grid of ``params``
-        (see :meth:`_crop_grid`) if the caller has it."""
+        (``matcher.grid_numpy``) if the caller has it."""
         matcher = matcher or self.matcher
         s = mov_mask.shape[0]
-        g = self._crop_grid(params, s, matcher) if grid is None else grid
+        g = matcher.grid_numpy(params, (s, s)) if grid is None else grid
         src = np.ascontiguousarray(np.stack([mov_mask.astype(np.float32),
                                              mov_crop.astype(np.float32)], -1))
         warped = remap_normalised(src, g, cv2.BORDER_CONSTANT)
-        # T(c_k) = A·[c_k; 1] + d_k exactly: the control points' images
-        pr = params.detach().numpy().astype(np.float64)
-        ctrl = matcher.ctrl.numpy().astype(np.float64)
-        theta = pr[:tps.N_AFFINE].reshape(2, 3) + np.eye(2, 3)
-        q = ctrl @ theta[:, :2].T + theta[:, 2] + pr[tps.N_AFFINE:].reshape(-1, 2)
-        to_px = lambda v: ((v + 1) * s - 1) / 2                 # coords.norm_to_pixel, square
+        ctrl = matcher.ctrl
+        theta, offsets = tps.split_params(params[None], len(ctrl))  # T(c_k) = A·[c_k; 1] + d_k
+        q = (torch.cat([ctrl, torch.ones_like(ctrl[:, :1])], 1) @ theta[0].T) + offsets[0]
         return dict(moving_crop=mov_crop, fixed_crop=fix_crop, moving_mask=mov_mask,
                     fixed_mask=fix_mask, warped_mask=warped[..., 0] > 0.5,
                     warped_image=warped[..., 1].clip(0, 1),
-                    control_points=to_px(q).astype(np.float32),
-                    control_points_warped=to_px(ctrl).astype(np.float32),
+                    control_points=norm_to_pixel(q, (s, s)).numpy(),
+                    control_points_warped=norm_to_pixel(ctrl, (s, s)).numpy(),
                     params=params.numpy())
-
-    @staticmethod
-    def _crop_grid(params: torch.Tensor, s: int, matcher) -> np.ndarray:
-        """The TPS sampling grid of one pair's ``params`` (P,) on the S×S crop: (S, S, 2)
-        float32, normalised (x, y) in the moving crop for each fixed-crop pixel."""
-        return matcher.grid_numpy(params, (s, s))
 
     def match(self, moving_mask, fixed_mask, refine_steps: int | None = None) -> Result:
         """The matcher alone on two object-centric masks (any equal or unequal sizes, resized
@@ -653,7 +644,7 @@ class Pipeline:
         t_paste = 0.0
         for i, p in enumerate(prep):
             t0 = time.perf_counter()
-            g = self._crop_grid(params[i], s, self.matcher)
+            g = self.matcher.grid_numpy(params[i], (s, s))     # for the crop and the paste
             r = Result(box=None, score=float(scores[i]),
                        **self._crop_result(params[i], mov_crops[i], mov_masks[i], fix_crops[i],
                                            fix_masks[i], grid=g))
@@ -677,13 +668,13 @@ class Pipeline:
                grid: np.ndarray | None = None) -> np.ndarray:
         """Warp the moving crop's mask straight into the fixed frame's pixels inside ``square``
         (full resolution, no blocky upsampling of the S×S warped mask). ``grid``: the S×S
-        sampling grid of ``params`` (:meth:`_crop_grid`) if the caller has it."""
+        sampling grid of ``params`` (``Matcher.grid_numpy``) if the caller has it."""
         out = np.zeros(shape, bool)
         sl = paste_slices(square, shape)
         if sl is None:
             return out
         s = mov_mask.shape[0]
-        g = self._crop_grid(params, s, self.matcher) if grid is None else grid
+        g = self.matcher.grid_numpy(params, (s, s)) if grid is None else grid
         # The TPS grid is smooth: take it on the S×S crop's pixel centres and interpolate it
         # bilinearly at the frame's pixels (edge values beyond the outermost centres), instead
         # of evaluating the spline's log-kernels at every frame pixel (same mask up to a

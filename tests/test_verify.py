@@ -68,6 +68,17 @@ def test_verifier_trains_from_the_pipelines_candidates_and_refuses_mnist(tmp_pat
         train.main(["verifier", "--dataset", "mnist", "--steps", "1"])
 
 
+def test_verifier_trains_for_usct_whose_pipeline_takes_the_top_box(tmp_path, monkeypatch):
+    """The README's US–CT verifier command: the pipeline no longer re-ranks (rerank 0), the
+    verifier still trains on the SSD's top --rerank-k candidates."""
+    monkeypatch.setenv("REGISTRATION_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "usct-verifier"
+    train.main(["verifier", "--dataset", "usct", "--pairs", "6", "--pool", "6", "--val-pairs",
+                "4", "--steps", "2", "--batch", "16", "--val-every", "1", "--threads", "1",
+                "--out", str(out)])
+    assert json.loads((out / "metrics.json").read_text())["val_scenes"] == 4
+
+
 def test_kind_classifying_verifier_trains_on_the_rows_and_scores_pairs(tmp_path):
     out = tmp_path / "kinds"
     train.main(["verifier", "--dataset", "silhouettes", "--classes", "10", "--val-pairs", "4",

@@ -2,10 +2,9 @@
 
 A network of ~20 small layers on one 112×112 image spends as long in Python and PyTorch's
 per-module dispatch as in arithmetic. ``torch.jit.trace`` + ``torch.jit.freeze`` removes that:
-the weights become constants, the Python module calls disappear, and small convolutions take
-oneDNN kernels instead of eager mode's fallback for channels-last inputs. Measured on the
-MNIST localizer (2 threads, one pair): 4.7 → 3.1 ms, outputs identical; no change for
-batches of 64+, which are arithmetic-bound.
+the weights become constants and the Python module calls disappear. One pair, taking
+turns (``python benchmarks/localizer_speed.py``): the MNIST SSD ~25 % faster, the matcher's
+U-Net ~35 %, outputs identical; no change for batches of 64+, which are arithmetic-bound.
 
 The frozen graph has no autograd through the weights, so :func:`use_frozen` routes a call to
 it only when gradients are off; training and ``loss`` always run the eager module.

@@ -394,6 +394,13 @@ def train_localizer(args) -> dict:
             raise SystemExit(f"--stem unshuffle: its layout is for the MNIST-sized SSD, not "
                              f"{args.dataset}'s {over}")
         over.update(UNSHUFFLE_LOCALIZER)
+        if args.localizer_channels:
+            if len(args.localizer_channels) != len(over["channels"]):
+                raise SystemExit(f"--localizer-channels: expected {len(over['channels'])} "
+                                 f"widths, got {len(args.localizer_channels)}")
+            over["channels"] = tuple(args.localizer_channels)
+    elif args.localizer_channels:
+        raise SystemExit("--localizer-channels: only with --stem unshuffle")
     cfg = LocalizerConfig(conditioning=args.conditioning, **over)
     torch.manual_seed(args.seed)
     model = Localizer(cfg).to(memory_format=torch.channels_last)
@@ -622,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem", default="conv", choices=["conv", "unshuffle"],
                    help="localizer's first layer: 5×5 conv at full resolution (paper) or 2×2 "
                         "pixel unshuffle + 3×3 conv at half resolution (config.UNSHUFFLE_LOCALIZER)")
+    p.add_argument("--localizer-channels", type=int, nargs="+", default=None,
+                   help="localizer --stem unshuffle: other widths for its six blocks")
     p.add_argument("--pairs", type=int, default=2000,
                    help="usct: training pairs made once and cached (see data.usct.cached_pairs)")
     p.add_argument("--pool", type=int, default=4096,

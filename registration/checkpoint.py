@@ -396,6 +396,9 @@ def build(cfg) -> "torch.nn.Module":
     if cfg.kind == "verifier":
         from .verify import Verifier
         return Verifier(cfg)
+    if cfg.kind == "ranker":
+        from .ranker import Ranker
+        return Ranker(cfg)
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 

@@ -109,6 +109,9 @@ class DatasetConfig:
     # re-rank with a learned same-object verifier (checkpoints/<name>/verifier) instead of
     # the shape overlap
     verifier: bool = False
+    # re-rank the SSD's candidates with a learned scorer of the pair's geometry
+    # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
+    ranker: bool = False
     min_object_px: int = 4
     snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this
 
@@ -169,7 +172,22 @@ class VerifierConfig:
     # 0: one network sees both masks and says "same" or not; n > 0: one network classifies
     # each mask into the data set's n kinds and "same" is the chance both are the same kind
     classes: int = 0
+    # the "bn" design (--verifier-arch bn): BatchNorm after every convolution, global average
+    # pooling and dropout before the logits instead of the flattened hidden layer, and each
+    # mask's kind averaged with its mirror image's ("plain": the first design)
+    arch: str = "plain"
+    dropout: float = 0.0
     kind: str = "verifier"
+
+
+@dataclass
+class RankerConfig:
+    """Candidate re-ranker from the pair's geometry (registration.ranker): features → logit."""
+
+    features: int = 17
+    hidden: tuple[int, ...] = (32, 32)
+    top_k: int = 4                # the SSD's candidates it re-ranks (after NMS)
+    kind: str = "ranker"
 
 
 # the localizer's "unshuffle" stem (``--stem unshuffle``): the 2×2 pixel blocks replace the
@@ -180,4 +198,4 @@ UNSHUFFLE_LOCALIZER = {"stem": "unshuffle", "channels": (48, 96, 64, 64, 48, 32)
                        "film_layers": (1, 2, 3), "head_layers": (2, 3, 4, 5)}
 
 CONFIGS = {"matcher": MatcherConfig, "localizer": LocalizerConfig, "segnet": SegNetConfig,
-           "verifier": VerifierConfig}
+           "verifier": VerifierConfig, "ranker": RankerConfig}

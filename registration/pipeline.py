@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, frozen, segment, tps
+from . import ranker as ranker_mod
 from .config import DatasetConfig
 from .coords import norm_to_pixel
 from .verify import mask_overlap
@@ -281,7 +283,7 @@ class Pipeline:
 
     def __init__(self, matcher, localizer=None, matcher_full=None,
                  dataset: DatasetConfig | None = None, refine_steps: int = 0, segmenter=None,
-                 verifier=None, freeze: bool = True):
+                 verifier=None, freeze: bool = True, ranker=None):
         # inference copies: channels-last layout (convolutions ~1.4× faster on CPU here),
         # BatchNorms folded, forward passes frozen (registration.frozen; freeze=False: later,
         # by freeze(), e.g. in a background thread so that an app starts ~2 s sooner)
@@ -297,6 +299,8 @@ class Pipeline:
         # re-ranking of the SSD's candidates by a learned same-object verifier (else by shape
         # overlap; see _rerank)
         self.verifier = verifier.eval() if verifier is not None else None
+        # … or by a scorer of the pair's geometry (registration.ranker; US–CT), which wins
+        self.ranker = ranker.eval() if ranker is not None else None
         # test-time refinement: Adam steps on each pair's TPS parameters after the network's
         # one-shot prediction (0 = the network alone, fastest)
         self.refine_steps = int(refine_steps)
@@ -325,9 +329,13 @@ class Pipeline:
         # without its verifier (e.g. a Hub revision from before it) the re-ranking falls back
         # to mask overlap, with a warning
         ver = checkpoint.try_load(name, "verifier") if ds.verifier else None
+        # without its ranker, the SSD's top box (with a warning)
+        rk = checkpoint.try_load(name, "ranker") if ds.ranker else None
+        if ds.ranker and rk is None:
+            ds = dataclasses.replace(ds, rerank=0)
         return cls(checkpoint.load(name, "matcher"), checkpoint.try_load(name, "localizer"),
                    checkpoint.try_load(name, "matcher-full"), ds, refine_steps, seg, ver,
-                   freeze=freeze)
+                   freeze=freeze, ranker=rk)
 
     # -- segmentation ----------------------------------------------------------------------
 
@@ -504,6 +512,25 @@ class Pipeline:
         return (torch.from_numpy(np.stack(fixed_in))[:, None],
                 torch.from_numpy(np.stack(query_in))[:, None], lb)
 
+    def _candidate_objects(self, prep: list[dict], cands, lb) -> list[tuple]:
+        """For every SSD candidate (after NMS) of every pair: (pair index, its rank, the
+        object segmented in it (H, W) bool in the working frame, its snapped box); candidates
+        where nothing is segmented are left out."""
+        out = []
+        for i, (p, (bx, _)) in enumerate(zip(prep, cands)):
+            frame = [b.numpy().astype(np.float64) / lb[i] for b in bx]
+            if p["uf"] is not None:
+                masks = [p["uf"]] * len(frame)
+            else:
+                masks = self._region_masks([p["fg"]] * len(frame), frame)
+            for j, (box, m) in enumerate(zip(frame, masks)):
+                obj = segment.select_best_fit(m, box, min_px=self.dataset.min_object_px,
+                                              clip=self.dataset.snap_clip)
+                fb = mask_box(obj)
+                if fb is not None:
+                    out.append((i, j, obj, fb))
+        return out
+
     def _candidate_crops(self, prep: list[dict], cands, lb):
         """For every SSD candidate (after NMS) of every pair: the object segmented in it, as
         an object-centric S×S mask beside the moving object's. Returns moving masks and
@@ -511,31 +538,33 @@ class Pipeline:
         in the SSD's frame (N, 4), their SSD scores (N,) and their snapped boxes in the
         working frame (N tuples); candidates where nothing is segmented are left out."""
         margin, s = self.dataset.crop_margin, self.size
-        mov, fix, owner, boxes, scores, snapped = [], [], [], [], [], []
-        for i, (p, (bx, sc)) in enumerate(zip(prep, cands)):
-            frame = [b.numpy().astype(np.float64) / lb[i] for b in bx]
-            if p["uf"] is not None:
-                masks = [p["uf"]] * len(frame)
-            else:
-                masks = self._region_masks([p["fg"]] * len(frame), frame)
-            m_crop = crop_mask(p["m_mask"], p["m_sq"], s)
-            for j, (box, m) in enumerate(zip(frame, masks)):
-                obj = segment.select_best_fit(m, box, min_px=self.dataset.min_object_px,
-                                              clip=self.dataset.snap_clip)
-                fb = mask_box(obj)
-                if fb is None:
-                    continue
-                mov.append(m_crop)
-                fix.append(crop_mask(obj, square_around(fb, margin), s))
-                owner.append(i)
-                boxes.append(bx[j])
-                scores.append(sc[j])
-                snapped.append(fb)
-        if not mov:
+        found = self._candidate_objects(prep, cands, lb)
+        if not found:
             e = np.zeros((0, s, s), bool)
             return e, e, np.zeros(0, int), torch.zeros(0, 4), torch.zeros(0), []
-        return (np.stack(mov), np.stack(fix), np.array(owner), torch.stack(boxes),
-                torch.stack(scores), snapped)
+        m_crops = {i: crop_mask(prep[i]["m_mask"], prep[i]["m_sq"], s) for i, *_ in found}
+        return (np.stack([m_crops[i] for i, *_ in found]),
+                np.stack([crop_mask(obj, square_around(fb, margin), s)
+                          for _, _, obj, fb in found]),
+                np.array([i for i, *_ in found]),
+                torch.stack([cands[i][0][j] for i, j, *_ in found]),
+                torch.stack([cands[i][1][j] for i, j, *_ in found]),
+                [fb for *_, fb in found])
+
+    def _ranker_features(self, prep: list[dict], cands, lb):
+        """The ranker's inputs for every candidate: features (N, F) float32, pair index (N,),
+        rank (N,), snapped box in the working frame (N tuples)."""
+        found = self._candidate_objects(prep, cands, lb)
+        pfs = {}
+        x = []
+        for i, j, obj, _ in found:
+            if i not in pfs:
+                pfs[i] = ranker_mod.pair_features(prep[i]["mg"], prep[i]["m_mask"],
+                                                  prep[i]["fg"])
+            x.append(ranker_mod.candidate_features(pfs[i], obj, float(cands[i][1][j]), j))
+        x = np.stack(x) if x else np.zeros((0, ranker_mod.N_FEATURES), np.float32)
+        return (x, np.array([i for i, *_ in found], int),
+                np.array([j for _, j, *_ in found], int), [fb for *_, fb in found])
 
     def _rerank(self, prep: list[dict], cands, lb) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick, per pair, the SSD candidate whose segmented object looks most like the moving
@@ -543,8 +572,17 @@ class Pipeline:
         show the same kind of object; else the Dice of the two masks as they are. Plus
         RERANK_SCORE_WEIGHT × the SSD score to break ties.
         Returns boxes (B, 4) in the SSD's frame and their SSD scores (B,)."""
-        mov, fix, owner, boxes, scores, _ = self._candidate_crops(prep, cands, lb)
         best = [(cands[i][0][0], cands[i][1][0], -np.inf) for i in range(len(prep))]
+        if self.ranker is not None:
+            x, owner, rank, _ = self._ranker_features(prep, cands, lb)
+            if len(x):
+                with torch.no_grad():
+                    v = self.ranker(torch.from_numpy(x))
+                for k, (i, j) in enumerate(zip(owner.tolist(), rank.tolist())):
+                    if float(v[k]) > best[i][2]:
+                        best[i] = (cands[i][0][j], cands[i][1][j], float(v[k]))
+            return (torch.stack([b[0] for b in best]), torch.stack([b[1] for b in best]))
+        mov, fix, owner, boxes, scores, _ = self._candidate_crops(prep, cands, lb)
         if len(mov):
             w, fb_ = torch.from_numpy(mov), torch.from_numpy(fix)
             if self.verifier is not None:

@@ -530,7 +530,9 @@ def train_verifier(args) -> dict:
               f"validation, {collect_s / 60:.1f} min", flush=True)
         mov, cand, lab = t(mov), t(cand), torch.from_numpy(lab)
     v_mov, v_cand = t(v_mov), t(v_cand)
-    cfg = VerifierConfig(input_size=pipe.size, classes=args.classes,
+    bn = args.verifier_arch == "bn"
+    cfg = VerifierConfig(input_size=pipe.size, classes=args.classes, arch=args.verifier_arch,
+                         dropout=0.3 if bn else 0.0,
                          **({"channels": tuple(args.verifier_channels),
                              "hidden": 2 * args.verifier_channels[-1]}
                             if args.verifier_channels else {}))
@@ -542,7 +544,7 @@ def train_verifier(args) -> dict:
         if args.classes:               # classify silhouettes drawn as the pipeline sees them
             n_seg = args.batch // 2 if seg_x is not None else 0
             x, rows_ = shape_samples(row_masks, args.batch - n_seg, cfg.input_size,
-                                     ds.crop_margin, rng)
+                                     ds.crop_margin, rng, aspect=0.1 if bn else 0.0)
             x, y = t(x), kinds[rows_]
             if n_seg:                  # … and as its segmenter cut them out of scenes
                 idx = torch.from_numpy(rng.choice(len(seg_y), n_seg, replace=False))
@@ -550,7 +552,8 @@ def train_verifier(args) -> dict:
                 flip = torch.from_numpy(rng.random(n_seg) < 0.5)
                 sx[flip] = sx[flip].flip(-1)
                 x, y = torch.cat([x, sx]), torch.cat([y, seg_y[idx]])
-            return torch.nn.functional.cross_entropy(model.classify(x), y), {}
+            return torch.nn.functional.cross_entropy(model.classify(x), y,
+                                                     label_smoothing=0.1 if bn else 0.0), {}
         idx = torch.from_numpy(rng.choice(len(lab), min(args.batch, len(lab)), replace=False))
         m, c = mov[idx], cand[idx]
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)     # mirror both masks together
@@ -591,11 +594,64 @@ def train_verifier(args) -> dict:
                         "val_samples": int(len(v_lab))}}
 
 
+# ranker (re-ranks the US–CT SSD's candidates by the pair's geometry)
+
+def train_ranker(args) -> dict:
+    """Features of the SSD's top ``--rerank-k`` candidates in ``--pool`` cached training pairs
+    (registration.ranker), a listwise softmax loss per pair, Adam in mini-batches of pairs;
+    validation: the share of ``--val-pairs`` validation pairs whose best-scored candidate is
+    the target, against the SSD's own top box."""
+    from .config import RankerConfig
+    from .data.usct import cached_pairs
+    from .pipeline import DATASETS, Pipeline
+    from .ranker import Ranker, candidate_table, group_table, listwise_loss, top1
+    ds = DATASETS[args.dataset]
+    pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
+                    checkpoint.load(args.dataset, "localizer"), dataset=ds,
+                    segmenter=checkpoint.load(args.dataset, "segmenter"))
+    cfg = RankerConfig(top_k=args.rerank_k)
+    t0 = time.time()
+    print(f"measuring the SSD's top {cfg.top_k} candidates in {args.pool} training and "
+          f"{args.val_pairs} validation pairs …", flush=True)
+    x, y, g, r = candidate_table(pipe, cached_pairs("train", args.seed, args.pairs)[:args.pool],
+                                 cfg.top_k)
+    vx, vy, vg, vr = candidate_table(pipe, cached_pairs("val", args.seed + 1, args.val_pairs),
+                                     cfg.top_k)
+    collect_s = time.time() - t0
+    table, target = group_table(g, r, y, cfg.top_k)
+    print(f"{len(y)} training candidates, {len(table)} pairs with the target among them, "
+          f"{collect_s / 60:.1f} min", flush=True)
+    torch.manual_seed(args.seed)
+    model = Ranker(cfg)
+    X, T, Y = torch.from_numpy(x), torch.from_numpy(table), torch.from_numpy(target)
+    model.set_scale(X)
+    rng = np.random.default_rng(args.seed)
+
+    def batch_loss():
+        idx = torch.from_numpy(rng.choice(len(T), min(args.batch, len(T)), replace=False))
+        return listwise_loss(model(X), T[idx], Y[idx]), {}
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        out = {"val_top1": round(top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
+               "val_top1_ssd": round(top1(-vr, vy, vg), 4),
+               "val_target_among": round(float(len(np.unique(vg[vy > 0.5])))
+                                         / max(len(np.unique(vg)), 1), 4)}
+        model.train()
+        return out
+
+    metrics = fit(model, batch_loss, validate, args, "train ranker", 1e-3)
+    return {"model": model, "cfg": cfg,
+            "metrics": {**metrics, "collect_s": round(collect_s, 1), "train_pairs": args.pool,
+                        "train_candidates": int(len(y)), "val_pairs": args.val_pairs}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m registration.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["matcher", "matcher-full", "localizer", "segmenter",
-                                      "verifier"])
+                                      "verifier", "ranker"])
     p.add_argument("--dataset", default="mnist", choices=["mnist", "silhouettes", "usct"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None,
@@ -642,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verifier: SSD candidates per training scene")
     p.add_argument("--verifier-channels", type=int, nargs="+", default=None,
                    help="verifier: conv channels per level (default 16 32 64)")
+    p.add_argument("--verifier-arch", default="plain", choices=["plain", "bn"],
+                   help="verifier: 'bn' adds BatchNorm, global pooling, dropout 0.3, mirror "
+                        "averaging, and (with --classes) label smoothing 0.1 and aspect jitter")
     p.add_argument("--scene-masks", type=int, default=0,
                    help="verifier --classes: also train on the segmented moving and target "
                         "masks of this many training scenes (half of each batch)")
@@ -670,7 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = {"matcher": (100000, 128, 1e-3, 19), "matcher-full": (100000, 32, 1e-3, 6),
                 "localizer": (100000, 32, 2e-3, 25),
                 "segmenter": (100000, 48, 2e-3, 15),
-                "verifier": (100000, 256, 1e-3, 6)}[args.model]
+                "verifier": (100000, 256, 1e-3, 6),
+                "ranker": (3000, 256, 3e-3, None)}[args.model]
     if args.minutes is None and args.steps is None:
         args.minutes = defaults[3]
     args.steps = args.steps or defaults[0]
@@ -696,6 +756,11 @@ def main(argv: list[str] | None = None) -> None:
             p.error("verifier: MNIST's pipeline takes the SSD's top box; the verifier is for "
                     "silhouettes and usct")
         out = train_verifier(args)
+    elif args.model == "ranker":
+        if args.dataset != "usct":
+            p.error("ranker: its features are the US–CT geometry (probe on the skin, a fan); "
+                    "use --dataset usct")
+        out = train_ranker(args)
     else:
         out = train_matcher(args, full=args.model == "matcher-full")
     metrics = out["metrics"]

@@ -38,16 +38,27 @@ class Verifier(nn.Module):
     def __init__(self, cfg: VerifierConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or VerifierConfig()
+        if cfg.arch not in ("plain", "bn"):
+            raise ValueError(f"arch: expected 'plain' or 'bn', got {cfg.arch!r}")
+        bn = cfg.arch == "bn"
         layers: list[nn.Module] = []
         c_in = 1 if cfg.classes else 2
         for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            for a, b in ((c_in, c), (c, c)):
+                layers += [nn.Conv2d(a, b, 3, padding=1, bias=not bn)]
+                layers += [nn.BatchNorm2d(b)] if bn else []
+                layers += [nn.ReLU(inplace=True)]
+            layers += [nn.MaxPool2d(2)]
             c_in = c
         self.features = nn.Sequential(*layers)
-        side = cfg.input_size // 2 ** len(cfg.channels)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, cfg.hidden),
-                                  nn.ReLU(inplace=True), nn.Linear(cfg.hidden, cfg.classes or 1))
+        if bn:
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Dropout(cfg.dropout), nn.Linear(c_in, cfg.classes or 1))
+        else:
+            side = cfg.input_size // 2 ** len(cfg.channels)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, cfg.hidden),
+                                      nn.ReLU(inplace=True),
+                                      nn.Linear(cfg.hidden, cfg.classes or 1))
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         s = self.cfg.input_size
@@ -65,7 +76,10 @@ class Verifier(nn.Module):
         self._check("moving", moving)
         self._check("candidate", candidate)
         if self.cfg.classes:
-            p = torch.softmax(self.classify(torch.cat([moving, candidate])), 1)
+            both = torch.cat([moving, candidate])
+            p = torch.softmax(self.classify(both), 1)
+            if self.cfg.arch == "bn":        # a kind does not depend on the facing
+                p = (p + torch.softmax(self.classify(both.flip(-1)), 1)) / 2
             same = (p[:len(moving)] * p[len(moving):]).sum(1).clamp(1e-6, 1 - 1e-6)
             return torch.log(same) - torch.log1p(-same)
         return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
@@ -124,12 +138,14 @@ def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32):
 
 
 def shape_samples(masks: np.ndarray, n: int, size: int, margin: float,
-                  rng: np.random.Generator, longest=(25.0, 58.0)) -> np.ndarray:
+                  rng: np.random.Generator, longest=(25.0, 58.0), aspect: float = 0.0
+                  ) -> np.ndarray:
     """n object-centric masks (n, size, size) bool made from random rows of ``masks`` (N, h, w)
     as the pipeline would see them: the silhouette scaled so its longest side is ``longest``
     px (the scenes' range), cut to the square of ``margin`` × its box, resampled to size², and
     roughened like a segmentation (random 1-px dilation or erosion, a bite out of the outline,
-    a speck beside it, a mirror). Returns the masks and the rows drawn (n,)."""
+    a speck beside it, a mirror). ``aspect`` > 0 also stretches one axis against the other
+    by a factor up to e^±aspect. Returns the masks and the rows drawn (n,)."""
     import cv2
 
     from .pipeline import crop_mask, mask_box, square_around
@@ -143,7 +159,11 @@ def shape_samples(masks: np.ndarray, n: int, size: int, margin: float,
             continue
         f = rng.uniform(*longest) / max(box[2] - box[0], box[3] - box[1])
         h, w = m.shape
-        big = cv2.resize(m, (max(1, round(w * f)), max(1, round(h * f))),
+        fx = fy = f
+        if aspect > 0:
+            a = np.exp(rng.uniform(-aspect, aspect))
+            fx, fy = f * np.sqrt(a), f / np.sqrt(a)
+        big = cv2.resize(m, (max(1, round(w * fx)), max(1, round(h * fy))),
                          interpolation=cv2.INTER_LINEAR) > 0.5
         u = rng.random(4)
         if u[0] < 0.25:

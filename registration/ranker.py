@@ -1,0 +1,226 @@
+"""Which tumour does the ultrasound show? Re-ranking the SSD's candidates by the pair's geometry.
+
+On US–CT the query-conditioned SSD puts the target tumour among its top 4 boxes in ~98 % of
+validation pairs but first in only ~75 %: slices hold 1–3 tumours, mostly hypodense and
+hypoechoic, and the 64-px view of the ultrasound that conditions the SSD says little about
+*which* one it shows. The ultrasound does say it, in its geometry: the probe sits on the skin
+and is aimed at the target, so the target lies on the fan's centre line at a depth below the
+skin, with a size, and no fan scale is needed to compare the *ratio* of the two with a CT
+candidate's size and its distance to the skin. This module turns such measurements of each
+candidate (and the SSD's own score and rank) into a feature vector (:func:`pair_features`,
+:func:`candidate_features`) and scores it with a small MLP (:class:`Ranker`) trained on the
+pipeline's own candidates (``python -m registration.train ranker --dataset usct``).
+
+Measurements (pixels of the pipeline's working images; the US–CT geometry: a 256-px CT at
+1.5 mm, a 128-px fan whose outside is exactly 0):
+
+- ultrasound: the tumour's size √area, its depth below the top of the fan in its column, the
+  fan's height below that top, and the tumour's mean grey minus a 4-px ring around it;
+- CT: the candidate's size √area, its distance to the body outline (the largest bright
+  component of the window, holes filled), the same ring contrast, and its distance to the
+  skin along 13 directions from straight up to up-left/up-right (where a probe on the
+  anterior or right-lateral wall can be: the probe's side is a prior of this set-up,
+  radiological convention);
+- features: the SSD's logit and rank; |log(size/depth)| differences between the two images
+  (scale-free); the sizes, depths and contrasts themselves; whether the contrasts agree in
+  sign; how well the skin distances predict the tumour's depth fraction in the fan.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RankerConfig
+
+N_FEATURES = 17
+RING_PX = 4
+BODY_LEVEL = 0.02              # CT window grey above which a pixel is body, not air
+# directions from a candidate towards the probe: angles of (cos, sin) in image coordinates
+# (y down), from up-left (-0.95π) over straight up (-π/2) to up-right (-0.35π)
+PROBE_DIRECTIONS = np.linspace(-0.95 * np.pi, -0.35 * np.pi, 13)
+APEX_BACK_PX = 20.0            # typical apex distance behind the skin (CT px)
+BEYOND_PX = 52.0               # typical depth the fan reaches beyond its target (CT px)
+
+
+def body_mask(ct: np.ndarray) -> np.ndarray:
+    """(H, W) float CT window in [0, 1] → (H, W) bool: the largest component above
+    BODY_LEVEL with its holes (bowel gas, lungs) filled."""
+    fg = (ct > BODY_LEVEL).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(fg)
+    if n < 2:
+        return np.zeros(ct.shape, bool)
+    body = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    outside = body.copy()
+    cv2.floodFill(outside, np.zeros((ct.shape[0] + 2, ct.shape[1] + 2), np.uint8), (0, 0), 1)
+    return (body | (1 - outside)).astype(bool)
+
+
+def ring_contrast(image: np.ndarray, mask: np.ndarray, valid: np.ndarray | None = None,
+                  ring: int = RING_PX) -> float:
+    """Mean of ``image`` inside ``mask`` minus its mean in a ``ring``-px band around it (only
+    where ``valid``); 0 when either is empty."""
+    k = np.ones((2 * ring + 1, 2 * ring + 1), np.uint8)
+    band = (cv2.dilate(mask.astype(np.uint8), k) > 0) & ~mask
+    if valid is not None:
+        band &= valid
+    if not mask.any() or not band.any():
+        return 0.0
+    return float(image[mask].mean() - image[band].mean())
+
+
+def skin_distances(body: np.ndarray, centre, directions=PROBE_DIRECTIONS) -> np.ndarray:
+    """Distance (px) from ``centre`` (x, y) to the first pixel outside ``body`` along each
+    direction (radians, image coordinates), or to the image edge. (len(directions),)"""
+    h, w = body.shape
+    steps = np.arange(1, 2 * max(h, w))[:, None]
+    out = []
+    for phi in directions:
+        pts = np.asarray(centre, np.float64)[None] + steps * [np.cos(phi), np.sin(phi)]
+        ok = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+        pts = pts[ok].astype(int)
+        gone = np.flatnonzero(~body[pts[:, 1], pts[:, 0]])
+        out.append(float(gone[0] + 1 if len(gone) else len(pts)))
+    return np.maximum(np.array(out), 1.0)
+
+
+def pair_features(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray) -> dict:
+    """Per-pair measurements: the ultrasound (H, W) float [0, 1] and its tumour mask (H, W)
+    bool, the CT window (H', W') float [0, 1]. The body mask and its distance map are kept for
+    :func:`candidate_features`."""
+    fan = us > 0
+    ys, xs = np.nonzero(us_mask)
+    if len(xs):
+        col = np.flatnonzero(fan[:, int(round(xs.mean()))])
+        top = float(col[0]) if len(col) else 0.0
+        depth = max(float(ys.mean()) - top, 1.0)
+        size = float(np.sqrt(len(xs)))
+        contrast = ring_contrast(us, us_mask, fan)
+    else:
+        top, depth, size, contrast = 0.0, 1.0, 1.0, 0.0
+    rows = np.flatnonzero(fan.any(1))
+    height = max(float(rows[-1]) - top, 1.0) if len(rows) else float(us.shape[0])
+    body = body_mask(ct)
+    return dict(us_depth=depth, us_size=size, us_contrast=contrast,
+                us_fraction=min(depth / height, 1.0), body=body, ct=ct,
+                ct_dist=cv2.distanceTransform(body.astype(np.uint8), cv2.DIST_L2, 5))
+
+
+def candidate_features(pf: dict, obj: np.ndarray, score: float, rank: int) -> np.ndarray:
+    """(N_FEATURES,) float32 for one candidate: its segmented object (H', W') bool in the CT
+    frame of ``pf`` (:func:`pair_features`), its SSD score in (0, 1) and its rank (0 = top)."""
+    ys, xs = np.nonzero(obj)
+    if len(xs) == 0:
+        raise ValueError("obj: expected a non-empty mask")
+    cy, cx = float(ys.mean()), float(xs.mean())
+    size = float(np.sqrt(len(xs)))
+    dist = max(float(pf["ct_dist"][int(cy), int(cx)]), 1.0)
+    contrast = ring_contrast(pf["ct"], obj, pf["body"])
+    along = skin_distances(pf["body"], (cx + 0.5, cy + 0.5))
+    us_size, us_depth = pf["us_size"], pf["us_depth"]
+    ratio = np.log(size / dist) - np.log(us_size / us_depth)
+    ratio_along = np.abs(np.log(size / (along + APEX_BACK_PX))
+                         - np.log(us_size / (us_depth + 8.0)))
+    fraction = (along + APEX_BACK_PX) / (along + APEX_BACK_PX + BEYOND_PX)
+    miss = np.abs(fraction - pf["us_fraction"])
+    p = float(np.clip(score, 1e-6, 1 - 1e-6))
+    return np.array([
+        np.log(p) - np.log1p(-p), rank, abs(ratio), ratio, np.log(size), np.log(us_size),
+        np.log(dist), np.log(us_depth), np.sign(contrast) * np.sign(pf["us_contrast"]),
+        abs(contrast) * 5.1, abs(pf["us_contrast"]) * 5.1, miss.min(), np.median(miss),
+        ratio_along.min(), np.log(along.min()), np.log(np.median(along)), pf["us_fraction"],
+    ], np.float32)
+
+
+class Ranker(nn.Module):
+    """(B, N_FEATURES) candidate features → (B,) logits, "this candidate is the target":
+    features standardised by buffers set from the training set (:meth:`set_scale`), then an
+    MLP (``cfg.hidden`` ReLU layers)."""
+
+    def __init__(self, cfg: RankerConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or RankerConfig()
+        self.register_buffer("mean", torch.zeros(cfg.features))
+        self.register_buffer("std", torch.ones(cfg.features))
+        layers: list[nn.Module] = []
+        c = cfg.features
+        for h in cfg.hidden:
+            layers += [nn.Linear(c, h), nn.ReLU()]
+            c = h
+        self.mlp = nn.Sequential(*layers, nn.Linear(c, 1))
+
+    def set_scale(self, x: torch.Tensor) -> None:
+        """Standardise by the mean and spread of training features x (N, F)."""
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.cfg.features:
+            raise ValueError(f"x: expected (B, {self.cfg.features}), got {tuple(x.shape)}")
+        return self.mlp((x - self.mean) / self.std)[:, 0]
+
+
+def group_table(groups: np.ndarray, ranks: np.ndarray, labels: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (N,) as rows of their pair: index (G, k) into the N candidates (-1 where
+    a pair has fewer) and each row's positive column (G,), for the G pairs with exactly one
+    positive candidate."""
+    rows, target = [], []
+    for g in np.unique(groups):
+        sel = np.flatnonzero(groups == g)
+        pos = sel[labels[sel] > 0.5]
+        if len(pos) != 1:
+            continue
+        row = np.full(k, -1, np.int64)
+        row[ranks[sel]] = sel
+        rows.append(row)
+        target.append(int(ranks[pos[0]]))
+    if not rows:
+        return np.zeros((0, k), np.int64), np.zeros(0, np.int64)
+    return np.stack(rows), np.array(target, np.int64)
+
+
+def listwise_loss(logits: torch.Tensor, table: torch.Tensor, target: torch.Tensor
+                  ) -> torch.Tensor:
+    """Cross-entropy of each pair's softmax over its candidates against its target:
+    candidate logits (N,), ``table`` (G, k) indices into them (-1: none), target (G,)."""
+    x = logits[table.clamp_min(0)].masked_fill(table < 0, float("-inf"))
+    return torch.nn.functional.cross_entropy(x, target)
+
+
+def top1(scores, labels, groups) -> float:
+    """Share of groups holding a positive whose best-scored candidate is positive."""
+    best: dict[int, tuple[float, float]] = {}
+    for s, y, g in zip(np.asarray(scores, float), np.asarray(labels, float),
+                       np.asarray(groups, int)):
+        if g not in best or s > best[g][0]:
+            best[g] = (s, y)
+    has = {int(g) for g, y in zip(np.asarray(groups, int), np.asarray(labels, float)) if y > 0.5}
+    return float(np.mean([best[g][1] for g in has])) if has else 0.0
+
+
+@torch.no_grad()
+def candidate_table(pipe, scenes, k: int, batch: int = 32):
+    """The pipeline's top-k SSD candidates on scenes with known target boxes, as the ranker
+    sees them: features (N, F) float32, labels (N,) (1: the snapped box overlaps the target's
+    with IoU ≥ 0.5), the scene index (N,) and the rank (N,) of each."""
+    from .metrics import box_iou
+    from .verify import POSITIVE_IOU, _prepared_chunks
+    xs, labels, groups, ranks = [], [], [], []
+    for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
+        f_t, q_t, lb = pipe._ssd_inputs(prep)
+        cands = pipe.localizer.candidates(f_t, q_t, k)
+        x, owner, rank, boxes = pipe._ranker_features(prep, cands, lb)
+        for f, i, j, b in zip(x, owner.tolist(), rank.tolist(), boxes):
+            sc = prep[i]["scale"]
+            xs.append(f)
+            labels.append(float(box_iou([v / sc for v in b], chunk[i].box.tolist())
+                                >= POSITIVE_IOU))
+            groups.append(start + i)
+            ranks.append(j)
+    if not xs:
+        return (np.zeros((0, N_FEATURES), np.float32), np.zeros(0, np.float32),
+                np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return (np.stack(xs), np.array(labels, np.float32), np.array(groups, np.int64),
+            np.array(ranks, np.int64))

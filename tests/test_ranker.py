@@ -1,0 +1,149 @@
+"""The US–CT candidate ranker: its measurements with known answers, its loss, the pipeline's
+use of it, and its training command."""
+import dataclasses
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from registration import checkpoint, ranker, train
+from registration.config import RankerConfig
+from registration.pipeline import DATASETS, Pipeline
+
+
+def disc(size, centre, r):
+    yy, xx = np.mgrid[:size, :size]
+    return (xx + 0.5 - centre[0]) ** 2 + (yy + 0.5 - centre[1]) ** 2 <= r * r
+
+
+def test_body_mask_is_the_largest_bright_component_with_its_holes_filled():
+    ct = np.zeros((64, 64), np.float32)
+    ct[disc(64, (32, 32), 20)] = 0.5
+    ct[disc(64, (30, 30), 5)] = 0.0          # gas inside the body
+    ct[2:5, 2:5] = 0.9                       # a speck outside it
+    body = ranker.body_mask(ct)
+    assert np.array_equal(body, disc(64, (32, 32), 20))
+
+
+def test_skin_distances_from_the_centre_of_a_disc_are_its_radius():
+    body = disc(101, (50.5, 50.5), 30)
+    d = ranker.skin_distances(body, (50.5, 50.5))
+    assert d.shape == (13,)
+    assert np.all(np.abs(d - 30) <= 1.5)
+    # from a point near the top, the way straight up is the shortest
+    d_top = ranker.skin_distances(body, (50.5, 30.5), [-np.pi / 2, -0.95 * np.pi])
+    assert abs(d_top[0] - 10) <= 1.5 and abs(d_top[1] - 19.4) <= 1.5
+
+
+def test_ring_contrast_is_inside_minus_around():
+    img = np.full((40, 40), 0.3, np.float32)
+    m = disc(40, (20, 20), 6)
+    img[m] = 0.8
+    assert ranker.ring_contrast(img, m) == pytest.approx(0.5)
+    assert ranker.ring_contrast(img, np.zeros_like(m)) == 0.0
+
+
+def test_pair_features_measure_the_tumour_below_the_top_of_the_fan():
+    us = np.zeros((128, 128), np.float32)
+    us[10:110, 20:108] = 0.5                 # the fan: rows 10–109
+    m = np.zeros((128, 128), bool)
+    m[40:51, 60:69] = True                   # centroid row 45, 99 px
+    us[m] = 0.2
+    ct = np.zeros((64, 64), np.float32)
+    ct[disc(64, (32, 32), 25)] = 0.5
+    pf = ranker.pair_features(us, m, ct)
+    assert pf["us_depth"] == pytest.approx(35.0)
+    assert pf["us_size"] == pytest.approx(np.sqrt(99))
+    assert pf["us_fraction"] == pytest.approx(35 / 99)
+    assert pf["us_contrast"] == pytest.approx(-0.3)
+
+
+def test_size_to_depth_ratio_is_compared_without_a_scale():
+    """A CT candidate with the ultrasound's size/depth ratio scores |ratio| = 0, one twice
+    as large at the same depth log 2."""
+    us = np.zeros((128, 128), np.float32)
+    us[0:120, :] = 0.5
+    m = np.zeros((128, 128), bool)
+    m[45:55, 59:69] = True                   # size 10, depth 49.5
+    ct = np.zeros((256, 256), np.float32)
+    ct[disc(256, (128, 128), 100)] = 0.5
+    pf = ranker.pair_features(us, m, ct)
+    dist_map = pf["ct_dist"]
+    obj = np.zeros((256, 256), bool)
+    obj[64:74, 123:133] = True                # size 10
+    f = ranker.candidate_features(pf, obj, 0.5, 0)
+    d_ct = max(float(dist_map[int(np.nonzero(obj)[0].mean()), int(np.nonzero(obj)[1].mean())]), 1)
+    want = np.log(10 / d_ct) - np.log(10 / 49.5)
+    assert f.shape == (ranker.N_FEATURES,) and f[0] == pytest.approx(0.0)
+    assert f[3] == pytest.approx(want, abs=1e-5) and f[2] == pytest.approx(abs(want), abs=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        ranker.candidate_features(pf, np.zeros_like(obj), 0.5, 0)
+
+
+def test_group_table_and_listwise_loss_by_hand():
+    groups = np.array([0, 0, 0, 1, 1, 2, 2])
+    ranks = np.array([0, 1, 2, 0, 1, 0, 1])
+    labels = np.array([0, 1, 0, 1, 0, 0, 0], np.float32)      # pair 2: target not among them
+    table, target = ranker.group_table(groups, ranks, labels, 3)
+    assert table.tolist() == [[0, 1, 2], [3, 4, -1]] and target.tolist() == [1, 0]
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0, 5.0, 5.0])
+    loss = ranker.listwise_loss(logits, torch.from_numpy(table), torch.from_numpy(target))
+    a = -(1.0 - np.log(np.exp(0) + np.exp(1) + np.exp(2)))
+    b = -(3.0 - np.log(np.exp(3) + np.exp(0)))
+    assert float(loss) == pytest.approx((a + b) / 2, rel=1e-6)
+    assert ranker.top1([0, 1, 2, 3, 0, 5, 5], labels, groups) == pytest.approx(0.5)
+
+
+def test_ranker_standardises_and_checks_its_input():
+    r = ranker.Ranker(RankerConfig(hidden=(4,)))
+    x = torch.randn(50, 17) * 3 + 2
+    r.set_scale(x)
+    assert torch.allclose(((x - r.mean) / r.std).mean(0), torch.zeros(17), atol=1e-5)
+    assert r(x).shape == (50,)
+    with pytest.raises(ValueError, match=r"x: expected \(B, 17\), got \(50, 3\)"):
+        r(x[:, :3])
+
+
+class RankTwo(torch.nn.Module):
+    """Prefers each pair's second candidate (feature 1 is the rank)."""
+
+    def forward(self, x):
+        return -(x[:, 1] - 1).abs()
+
+
+@pytest.fixture(scope="module")
+def usct_pairs():
+    from registration.data.usct import PairGenerator
+    return [p for p in PairGenerator("test", seed=3).batch(12) if p.n_distractors >= 1][:3]
+
+
+def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
+    pipe = Pipeline.from_pretrained("usct", freeze=False)
+    pipe.dataset = dataclasses.replace(DATASETS["usct"], rerank=4, ranker=True)
+    pipe.ranker = RankTwo()
+    pairs = [(p.moving, p.fixed) for p in usct_pairs]
+    prep = pipe._prepare(pairs, [None] * len(pairs), [None] * len(pairs))
+    f_t, q_t, lb = pipe._ssd_inputs(prep)
+    cands = pipe.localizer.candidates(f_t, q_t, 4)
+    x, owner, rank, _ = pipe._ranker_features(prep, cands, lb)
+    chosen, _ = pipe._rerank(prep, cands, lb)
+    for i in range(len(pairs)):
+        ranks = rank[owner == i]
+        want = 1 if 1 in ranks else ranks[0]
+        assert torch.equal(chosen[i], cands[i][0][want])
+
+
+def test_ranker_trains_on_usct_and_refuses_other_data_sets(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGISTRATION_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ranker"
+    train.main(["ranker", "--dataset", "usct", "--pairs", "8", "--pool", "8", "--val-pairs",
+                "4", "--rerank-k", "4", "--steps", "3", "--batch", "4", "--val-every", "1",
+                "--threads", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_candidates"] >= 8 and 0 <= metrics["val_top1"] <= 1
+    r = checkpoint.load_folder(out)
+    assert r.cfg.top_k == 4 and float(r.std.min()) > 0
+    with pytest.raises(SystemExit):
+        train.main(["ranker", "--dataset", "silhouettes", "--steps", "1"])

@@ -366,7 +366,8 @@ def _register(dataset, moving, fixed, moving_mask, fixed_mask, progress):
     fixed_gray = _gray(fixed)
     boxes = viz.title_bar(
         viz.draw_boxes(fixed_gray, [(r.ssd_box, viz.SSD_BOX, ""), (r.box, viz.BOX, "")], 448),
-        f"SSD score {r.score:.2f}", height=44)
+        f"SSD score {r.score:.2f}" if r.box_source != "component"
+        else "found by segmentation (none of the SSD's boxes fit)", height=44)
     before = viz.draw_grid(r.moving_crop, r.control_points, 280, mask=r.moving_mask)
     after = viz.draw_grid(r.fixed_crop, r.control_points_warped, 280, mask=r.fixed_mask)
     warped = viz.draw_mask_outline(viz.to_rgb(r.warped_image, 280), r.fixed_mask, viz.FIXED)
@@ -390,6 +391,7 @@ def _register(dataset, moving, fixed, moving_mask, fixed_mask, progress):
         "iou_without_localization": None if j0 is None else round(j0, 4),
         "dice_crop": round(r.dice, 4),
         "score": round(r.score, 4),
+        "box_source": r.box_source,
         "box": [round(v, 2) for v in r.box],
         "ssd_box": [round(v, 2) for v in r.ssd_box],
         "timings_ms": {k: round(v, 2) for k, v in r.timings.items()},

@@ -109,6 +109,9 @@ class DatasetConfig:
     # re-rank with a learned same-object verifier (checkpoints/<name>/verifier) instead of
     # the shape overlap
     verifier: bool = False
+    # add the fixed foreground's connected components to the re-ranked candidates (the given
+    # fixed mask's, else the segmenter's on the whole frame)
+    component_candidates: bool = False
     # re-rank the SSD's candidates with a learned scorer of the pair's geometry
     # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
     ranker: bool = False

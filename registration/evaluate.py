@@ -178,7 +178,7 @@ def _score(rec: dict, prefix: str, r, s, detection: bool) -> None:
 
 def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
                       refine_steps: int | None = None, real: bool = False,
-                      rerank: int | None = None) -> dict:
+                      rerank: int | None = None, components: bool = True) -> dict:
     """End to end on n held-out scenes: detection, matching pasted back into the full frame
     (against the target's true mask), without localization, ms per stage. Data sets with
     learned masks are also run with the true masks (the paper's setting): the moving object's
@@ -190,9 +190,12 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     pipe = Pipeline.from_pretrained(dataset)
     if refine_steps is not None:
         pipe.refine_steps = refine_steps
+    import dataclasses
     if rerank is not None:
-        import dataclasses
         pipe.dataset = dataclasses.replace(pipe.dataset, rerank=rerank)
+    dropped = pipe.dataset.component_candidates and not components
+    if dropped:
+        pipe.dataset = dataclasses.replace(pipe.dataset, component_candidates=False)
     gt = pipe.dataset.segmenter == "learned"
     test = test_scenes(dataset, n, seed, real)
     n = len(test)
@@ -279,18 +282,21 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     title = TITLES["usct-real" if real else dataset]
     print(f"{title}: {n} held-out {side}×{side} scenes (seed {seed}), "
           f"{torch.get_num_threads()} threads, {pipe.refine_steps} refinement steps, "
-          f"{pipe.dataset.rerank} SSD candidates re-ranked; "
+          f"{pipe.dataset.rerank} SSD candidates re-ranked"
+          f"{' (+ the foreground components)' if pipe.dataset.component_candidates else ''}; "
           f"matching scored end to end on the full frame\n")
     print(table, "\n")
     print(dist, "\n")
     print(stages)
     payload = {"dataset": dataset, "real": real, "scenes": n, "seed": seed, "threads": torch.get_num_threads(),
                "refine_steps": pipe.refine_steps, "rerank": pipe.dataset.rerank,
+               "component_candidates": pipe.dataset.component_candidates,
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"
            + (f"_refine{pipe.refine_steps}" if pipe.refine_steps else "")
-           + (f"_rerank{pipe.dataset.rerank}" if pipe.dataset.rerank > 1 else ""))
+           + (f"_rerank{pipe.dataset.rerank}" if pipe.dataset.rerank > 1 else "")
+           + ("_nocomponents" if dropped else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
         from .viz import summary_figure
@@ -484,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rerank", type=int, default=None,
                    help="pipeline: SSD candidates re-ranked by match quality (default: the "
                         "data set's)")
+    p.add_argument("--no-components", dest="components", action="store_false",
+                   help="pipeline: re-rank the SSD's candidates only, not also the fixed "
+                        "foreground's connected components (silhouettes)")
     p.add_argument("--real", action="store_true",
                    help="usct pipeline: the real CT volume's tumour slices instead of phantoms")
     p.add_argument("--refine-steps", type=int, default=None,
@@ -502,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
                          folder=args.checkpoint)
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
-                          args.refine_steps, args.real, args.rerank)
+                          args.refine_steps, args.real, args.rerank, args.components)
 
 
 if __name__ == "__main__":

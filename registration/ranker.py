@@ -74,16 +74,16 @@ def skin_distances(body: np.ndarray, centre, directions=PROBE_DIRECTIONS) -> np.
     """Distance (px) from ``centre`` (x, y) to the first pixel outside ``body`` along each
     direction (radians, image coordinates), or to the image edge. (len(directions),)"""
     h, w = body.shape
-    steps = np.arange(1, 2 * max(h, w))[:, None]
-    out = []
-    for phi in directions:
-        pts = np.asarray(centre, np.float64)[None] + steps * [np.cos(phi), np.sin(phi)]
-        ok = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
-        pts = pts[ok].astype(int)
-        gone = np.flatnonzero(~body[pts[:, 1], pts[:, 0]])
-        out.append(float(gone[0] + 1 if len(gone) else len(pts)))
-    return np.maximum(np.array(out), 1.0)
-
+    d = np.asarray(directions, np.float64)
+    steps = np.arange(1, 2 * max(h, w), dtype=np.float64)
+    x = centre[0] + steps[None] * np.cos(d)[:, None]            # (D, T)
+    y = centre[1] + steps[None] * np.sin(d)[:, None]
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    xi = np.clip(x, 0, w - 1).astype(np.intp)
+    yi = np.clip(y, 0, h - 1).astype(np.intp)
+    out = ~body[yi, xi] & inside                                # left the body in the image
+    edge = inside.sum(1)                                        # steps before the image edge
+    return np.maximum(np.where(out.any(1), out.argmax(1) + 1.0, edge), 1.0)
 
 def pair_features(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray) -> dict:
     """Per-pair measurements: the ultrasound (H, W) float [0, 1] and its tumour mask (H, W)

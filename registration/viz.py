@@ -132,7 +132,8 @@ def summary_figure(rows: list[dict], path: str | None = None):
         r, fixed = row["result"], row["fixed"]
         true_mask = row.get("true_mask")
         boxes = [(row.get("true_box"), (160, 160, 160), "truth"),
-                 (r.ssd_box, SSD_BOX, f"SSD {r.score:.2f}"), (r.box, BOX, "")]
+                 (r.ssd_box, SSD_BOX, f"SSD {r.score:.2f}" if r.box_source != "component"
+                                   else "component"), (r.box, BOX, "")]
         full_ref = true_mask if true_mask is not None else r.fixed_mask_full
         panels = [
             draw_boxes(fixed, boxes, 224),

@@ -128,7 +128,7 @@ def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
     f_t, q_t, lb = pipe._ssd_inputs(prep)
     cands = pipe.localizer.candidates(f_t, q_t, 4)
     x, owner, rank, _ = pipe._ranker_features(prep, cands, lb)
-    chosen, _ = pipe._rerank(prep, cands, lb)
+    chosen, _, _ = pipe._rerank(prep, cands, lb)
     for i in range(len(pairs)):
         ranks = rank[owner == i]
         want = 1 if 1 in ranks else ranks[0]

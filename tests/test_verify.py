@@ -46,7 +46,7 @@ def test_rerank_picks_the_candidate_the_verifier_scores_highest():
     f_t, q_t, lb = pipe._ssd_inputs(prep)
     cands = pipe.localizer.candidates(f_t, q_t, 5)
     mov, fix, owner, boxes, scores, _ = pipe._candidate_crops(prep, cands, lb)
-    chosen, _ = pipe._rerank(prep, cands, lb)
+    chosen, _, _ = pipe._rerank(prep, cands, lb)
     area = torch.from_numpy(fix.sum((1, 2))).float()
     value = (torch.sigmoid(area / 100 - 5) + RERANK_SCORE_WEIGHT * scores).numpy()
     for i in range(4):
@@ -125,3 +125,43 @@ def test_labelled_scene_masks_are_the_moving_and_target_objects_with_the_scene_k
         want = crop_mask(s.target_mask, square_around(mask_box(s.target_mask), 1.3), 32)
         got = masks[2 * k + 1]
         assert 2 * (want & got).sum() / (want.sum() + got.sum()) > 0.6
+
+
+def test_component_candidates_are_one_box_per_object_of_the_given_fixed_mask():
+    from registration.pipeline import COMPONENT_MIN_PX
+    pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0, freeze=False)
+    fixed = np.zeros((128, 128), bool)
+    fixed[10:30, 20:50] = True                   # 600 px
+    fixed[70:100, 60:70] = True                  # 300 px
+    fixed[120:125, 0:5] = True                   # a speck: 25 px < COMPONENT_MIN_PX
+    assert 25 < COMPONENT_MIN_PX
+    img = (fixed * 200 + 20).astype(np.uint8)
+    moving = np.zeros((64, 64), np.uint8)
+    moving[10:50, 10:50] = 220
+    prep = pipe._prepare([(moving, img)], [None], [fixed])
+    ssd = (torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([0.7]))
+    (boxes, scores), = pipe._with_components(prep, [ssd], [0.5])
+    assert boxes.tolist() == [[0, 0, 10, 10], [10, 5, 25, 15], [30, 35, 35, 50]]
+    assert scores.tolist() == pytest.approx([0.7, 0.0, 0.0])
+
+
+def test_component_candidates_rescue_a_target_the_ssd_missed():
+    """The SSD's only box is on empty ground; the verifier (here: the larger object wins)
+    chooses among the fixed mask's objects instead."""
+    pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0, freeze=False)
+    pipe.verifier = AreaVerifier()
+    fixed = np.zeros((128, 128), bool)
+    fixed[10:30, 20:50] = True
+    fixed[60:110, 60:100] = True                 # the largest object
+    img = (fixed * 200 + 20).astype(np.uint8)
+    moving = np.zeros((64, 64), np.uint8)
+    moving[10:50, 10:50] = 220
+    prep = pipe._prepare([(moving, img)], [None], [fixed])
+    f_t, q_t, lb = pipe._ssd_inputs(prep)
+    miss = [(torch.tensor([[0.0, 115.0, 10.0, 125.0]]) * lb[0], torch.tensor([0.9]))]
+    chosen, score, source = pipe._rerank(prep, miss, lb)
+    assert torch.allclose(chosen[0] / lb[0], torch.tensor([60.0, 60.0, 100.0, 110.0]))
+    assert float(score[0]) == 0.0 and source == ["component"]
+    pipe.dataset = dataclasses.replace(pipe.dataset, component_candidates=False)
+    chosen, _, source = pipe._rerank(prep, miss, lb)   # without them: the SSD's box only
+    assert torch.equal(chosen[0], miss[0][0][0]) and source == ["ssd"]

@@ -396,11 +396,16 @@ class Pipeline:
         if self.segmenter is None:
             small = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
             return segment.foreground_or_otsu(small, self.dataset.threshold)
+        return cv2.resize(self._frame_probs(gray), (size, size),
+                          interpolation=cv2.INTER_AREA) > 0.5
+
+    def _frame_probs(self, gray: np.ndarray) -> np.ndarray:
+        """The segmenter run fully convolutionally on a whole frame (its sides rounded to the
+        U-Net's stride): foreground probabilities at about the frame's resolution."""
         h, w = gray.shape
         k = 2 ** (len(self.segmenter.cfg.channels) - 1)
         hh, ww = max(k, round(h / k) * k), max(k, round(w / k) * k)
-        p = self._segnet_probs([cv2.resize(gray, (ww, hh), interpolation=cv2.INTER_AREA)])[0]
-        return cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA) > 0.5
+        return self._segnet_probs([cv2.resize(gray, (ww, hh), interpolation=cv2.INTER_AREA)])[0]
 
     @property
     def size(self) -> int:
@@ -588,10 +593,7 @@ class Pipeline:
         if self.segmenter is None:
             return segment.foreground_or_otsu(gray, self.dataset.threshold)
         h, w = gray.shape
-        k = 2 ** (len(self.segmenter.cfg.channels) - 1)
-        hh, ww = max(k, round(h / k) * k), max(k, round(w / k) * k)
-        p = self._segnet_probs([cv2.resize(gray, (ww, hh), interpolation=cv2.INTER_AREA)])[0]
-        return cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+        return cv2.resize(self._frame_probs(gray), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
 
     def _ranker_features(self, prep: list[dict], cands, lb):
         """The ranker's inputs for every candidate: features (N, F) float32, pair index (N,),

@@ -611,10 +611,12 @@ def train_ranker(args) -> dict:
                     segmenter=checkpoint.load(args.dataset, "segmenter"))
     cfg = RankerConfig(top_k=args.rerank_k)
     t0 = time.time()
-    print(f"measuring the SSD's top {cfg.top_k} candidates in {args.pool} training and "
+    print(f"measuring the SSD's top {cfg.top_k} candidates in {args.pool} × "
+          f"{len(args.pair_seeds or [0])} training and "
           f"{args.val_pairs} validation pairs …", flush=True)
-    x, y, g, r = candidate_table(pipe, cached_pairs("train", args.seed, args.pairs)[:args.pool],
-                                 cfg.top_k)
+    seeds = args.pair_seeds or [args.seed]
+    train_pairs = [p for sd in seeds for p in cached_pairs("train", sd, args.pairs)[:args.pool]]
+    x, y, g, r = candidate_table(pipe, train_pairs, cfg.top_k)
     vx, vy, vg, vr = candidate_table(pipe, cached_pairs("val", args.seed + 1, args.val_pairs),
                                      cfg.top_k)
     collect_s = time.time() - t0
@@ -643,7 +645,8 @@ def train_ranker(args) -> dict:
 
     metrics = fit(model, batch_loss, validate, args, "train ranker", 1e-3)
     return {"model": model, "cfg": cfg,
-            "metrics": {**metrics, "collect_s": round(collect_s, 1), "train_pairs": args.pool,
+            "metrics": {**metrics, "collect_s": round(collect_s, 1),
+                        "train_pairs": len(train_pairs),
                         "train_candidates": int(len(y)), "val_pairs": args.val_pairs}}
 
 
@@ -694,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", type=float, default=None,
                    help="localizer: share of each batch painted anew (default: mnist 1, "
                         "silhouettes 0.25)")
+    p.add_argument("--pair-seeds", type=int, nargs="+", default=None,
+                   help="ranker: cached training pair sets to pool, one per seed (each "
+                        "--pairs long; default: --seed's)")
     p.add_argument("--rerank-k", type=int, default=8,
                    help="verifier: SSD candidates per training scene")
     p.add_argument("--verifier-channels", type=int, nargs="+", default=None,

@@ -138,10 +138,11 @@ def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
 def test_ranker_trains_on_usct_and_refuses_other_data_sets(tmp_path, monkeypatch):
     monkeypatch.setenv("REGISTRATION_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ranker"
-    train.main(["ranker", "--dataset", "usct", "--pairs", "8", "--pool", "8", "--val-pairs",
-                "4", "--rerank-k", "4", "--steps", "3", "--batch", "4", "--val-every", "1",
-                "--threads", "1", "--out", str(out)])
+    train.main(["ranker", "--dataset", "usct", "--pairs", "4", "--pair-seeds", "0", "1",
+                "--val-pairs", "4", "--rerank-k", "4", "--steps", "3", "--batch", "4",
+                "--val-every", "1", "--threads", "1", "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_pairs"] == 8                  # two cached sets of 4
     assert metrics["train_candidates"] >= 8 and 0 <= metrics["val_top1"] <= 1
     r = checkpoint.load_folder(out)
     assert r.cfg.top_k == 4 and float(r.std.min()) > 0

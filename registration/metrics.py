@@ -113,3 +113,17 @@ def hausdorff95(a, b) -> float:
         return np.percentile(d[src], 95)
 
     return float(max(directed(ba, bb), directed(bb, ba)))
+
+
+def group_top1(scores, labels, groups) -> float:
+    """Re-ranking accuracy: over the groups (e.g. scenes) that hold a positive candidate, the
+    share whose best-scored candidate is positive (the first on ties). scores, labels (1 =
+    positive), groups: (N,) each."""
+    best: dict[int, tuple[float, float]] = {}
+    scores, labels = np.asarray(scores, float), np.asarray(labels, float)
+    groups = np.asarray(groups, int)
+    for s, y, g in zip(scores.tolist(), labels.tolist(), groups.tolist()):
+        if g not in best or s > best[g][0]:
+            best[g] = (s, y)
+    has = {g for g, y in zip(groups.tolist(), labels.tolist()) if y > 0.5}
+    return float(np.mean([best[g][1] for g in has])) if has else 0.0

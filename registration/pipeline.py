@@ -30,8 +30,8 @@ DATASETS: dict[str, DatasetConfig] = {
     # the SSD's top 5 boxes re-ranked by the learned verifier (box Dice on 300 validation
     # scenes: 0.415 by shape overlap, 0.606 by the verifier; with the first, smaller verifier
     # top 3 / 5 / 8 gave 0.579 / 0.591 / 0.587)
-    # … plus the foreground's connected components as candidates (box Dice on the same
-    # scenes with the second verifier: 0.645 → 0.702 learned masks, 0.786 → 0.865 true masks)
+    # … plus the foreground's connected components as candidates (test detection Dice with the
+    # second verifier: 0.659 → 0.682 learned masks, 0.838 → 0.923 true masks; README)
     "silhouettes": DatasetConfig(name="silhouettes", segmenter="learned", bright_objects=False,
                                  crop_margin=1.3, threshold=None, min_object_px=8, rerank=5,
                                  verifier=True, component_candidates=True),
@@ -527,9 +527,11 @@ class Pipeline:
     def _candidate_objects(self, prep: list[dict], cands, lb) -> list[tuple]:
         """For every SSD candidate (after NMS) of every pair: (pair index, its rank, the
         object segmented in it (H, W) bool in the working frame, its snapped box); candidates
-        where nothing is segmented are left out."""
+        where nothing is segmented are left out. Each pair's objects are also kept by rank in
+        ``prep[i]["candidate_objects"]``, so the chosen one need not be segmented again."""
         out = []
         for i, (p, (bx, _)) in enumerate(zip(prep, cands)):
+            p["candidate_objects"] = {}
             frame = [b.numpy().astype(np.float64) / lb[i] for b in bx]
             if p["uf"] is not None:
                 masks = [p["uf"]] * len(frame)
@@ -541,30 +543,31 @@ class Pipeline:
                 fb = mask_box(obj)
                 if fb is not None:
                     out.append((i, j, obj, fb))
+                    p["candidate_objects"][j] = obj
         return out
 
-    def _candidate_crops(self, prep: list[dict], cands, lb, with_ranks: bool = False):
+    def _candidate_crops(self, prep: list[dict], cands, lb):
         """For every SSD candidate (after NMS) of every pair: the object segmented in it, as
         an object-centric S×S mask beside the moving object's. Returns moving masks and
         candidate masks (N, S, S) bool, the pair each belongs to (N,), the candidates' boxes
         in the SSD's frame (N, 4), their SSD scores (N,) and their snapped boxes in the
-        working frame (N tuples); candidates where nothing is segmented are left out.
-        ``with_ranks``: also each candidate's index in its pair's list (N,)."""
+        working frame (N tuples), and each one's index in its pair's list (N,); candidates
+        where nothing is segmented are left out."""
         margin, s = self.dataset.crop_margin, self.size
         found = self._candidate_objects(prep, cands, lb)
         if not found:
             e = np.zeros((0, s, s), bool)
-            out = (e, e, np.zeros(0, int), torch.zeros(0, 4), torch.zeros(0), [])
-        else:
-            m_crops = {i: crop_mask(prep[i]["m_mask"], prep[i]["m_sq"], s) for i, *_ in found}
-            out = (np.stack([m_crops[i] for i, *_ in found]),
-                   np.stack([crop_mask(obj, square_around(fb, margin), s)
-                             for _, _, obj, fb in found]),
-                   np.array([i for i, *_ in found]),
-                   torch.stack([cands[i][0][j] for i, j, *_ in found]),
-                   torch.stack([cands[i][1][j] for i, j, *_ in found]),
-                   [fb for *_, fb in found])
-        return out + (np.array([j for _, j, *_ in found], int),) if with_ranks else out
+            return (e, e, np.zeros(0, int), torch.zeros(0, 4), torch.zeros(0), [],
+                    np.zeros(0, int))
+        m_crops = {i: crop_mask(prep[i]["m_mask"], prep[i]["m_sq"], s) for i, *_ in found}
+        return (np.stack([m_crops[i] for i, *_ in found]),
+                np.stack([crop_mask(obj, square_around(fb, margin), s)
+                          for _, _, obj, fb in found]),
+                np.array([i for i, *_ in found]),
+                torch.stack([cands[i][0][j] for i, j, *_ in found]),
+                torch.stack([cands[i][1][j] for i, j, *_ in found]),
+                [fb for *_, fb in found],
+                np.array([j for _, j, *_ in found], int))
 
     def _with_components(self, prep: list[dict], cands, lb) -> list[tuple]:
         """The SSD's candidates (boxes (k, 4) in its frame, scores (k,)) per pair, followed by
@@ -616,8 +619,11 @@ class Pipeline:
         show the same kind of object; else the Dice of the two masks as they are. Plus
         RERANK_SCORE_WEIGHT × the SSD score to break ties.
         Returns boxes (B, 4) in the SSD's frame, their SSD scores (B,) and where each box
-        came from ("ssd" or "component", B)."""
-        best = [(cands[i][0][0], cands[i][1][0], -np.inf) for i in range(len(prep))]
+        came from ("ssd" or "component", B); leaves each pair's chosen object, as segmented
+        for the choice, in ``prep[i]["snapped"]``.
+        """
+        # per pair: box, score, value, index in the pair's candidate list
+        best = [(cands[i][0][0], cands[i][1][0], -np.inf, 0) for i in range(len(prep))]
         n_ssd = [len(c[0]) for c in cands]
         if self.ranker is not None:
             x, owner, rank, _ = self._ranker_features(prep, cands, lb)
@@ -626,14 +632,11 @@ class Pipeline:
                     v = self.ranker(torch.from_numpy(x))
                 for k, (i, j) in enumerate(zip(owner.tolist(), rank.tolist())):
                     if float(v[k]) > best[i][2]:
-                        best[i] = (cands[i][0][j], cands[i][1][j], float(v[k]))
-            return (torch.stack([b[0] for b in best]), torch.stack([b[1] for b in best]),
-                    ["ssd"] * len(prep))
+                        best[i] = (cands[i][0][j], cands[i][1][j], float(v[k]), j)
+            return self._chosen(prep, best, n_ssd)
         if self.dataset.component_candidates:
             cands = self._with_components(prep, cands, lb)
-        mov, fix, owner, boxes, scores, _, ranks = self._candidate_crops(prep, cands, lb,
-                                                                         with_ranks=True)
-        source = ["ssd"] * len(prep)
+        mov, fix, owner, boxes, scores, _, ranks = self._candidate_crops(prep, cands, lb)
         if len(mov):
             w, fb_ = torch.from_numpy(mov), torch.from_numpy(fix)
             if self.verifier is not None:
@@ -648,9 +651,17 @@ class Pipeline:
             v = match + RERANK_SCORE_WEIGHT * scores.float()
             for k, i in enumerate(owner.tolist()):
                 if float(v[k]) > best[i][2]:
-                    best[i] = (boxes[k], scores[k], float(v[k]))
-                    source[i] = "ssd" if ranks[k] < n_ssd[i] else "component"
-        return (torch.stack([b[0] for b in best]), torch.stack([b[1] for b in best]), source)
+                    best[i] = (boxes[k], scores[k], float(v[k]), int(ranks[k]))
+        return self._chosen(prep, best, n_ssd)
+
+    @staticmethod
+    def _chosen(prep: list[dict], best: list[tuple], n_ssd: list[int]):
+        """_rerank's return from its per-pair (box, score, value, index) choices; keeps the
+        chosen object in ``prep[i]["snapped"]`` (None if it was not segmented)."""
+        for p, b in zip(prep, best):
+            p["snapped"] = p.pop("candidate_objects", {}).get(b[3])
+        return (torch.stack([b[0] for b in best]), torch.stack([b[1] for b in best]),
+                ["ssd" if b[3] < n else "component" for b, n in zip(best, n_ssd)])
 
     def register_batch(self, pairs, localize: bool = True, moving_masks=None,
                        fixed_masks=None, refine_steps: int | None = None,
@@ -692,16 +703,19 @@ class Pipeline:
         mov_masks, fix_masks, mov_crops, fix_crops = [], [], [], []
         for p, box, k in zip(prep, boxes.numpy().astype(np.float64), lb):
             p["ssd_box"] = box / k
-        todo = [p for p in prep if p["uf"] is None]
+        # (a re-ranked pair's choice was segmented already, around the same box)
+        todo = [p for p in prep if p["uf"] is None and p.get("snapped") is None]
         found = self._region_masks([p["fg"] for p in todo], [p["ssd_box"] for p in todo]) \
             if todo else []
         for p, m in zip(todo, found):
             p["uf_seg"] = m
         for p in prep:
             box, fg = p["ssd_box"], p["fg"]
-            fmask = p["uf"] if p["uf"] is not None else p.pop("uf_seg")
-            obj = segment.select_best_fit(fmask, box, min_px=self.dataset.min_object_px,
-                                          clip=self.dataset.snap_clip)
+            obj = p.pop("snapped", None)
+            if obj is None:
+                fmask = p["uf"] if p["uf"] is not None else p.pop("uf_seg")
+                obj = segment.select_best_fit(fmask, box, min_px=self.dataset.min_object_px,
+                                              clip=self.dataset.snap_clip)
             fb = mask_box(obj)
             if fb is None:
                 raise RegistrationError("no object found in the fixed image where the "

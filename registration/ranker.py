@@ -189,17 +189,6 @@ def listwise_loss(logits: torch.Tensor, table: torch.Tensor, target: torch.Tenso
     return torch.nn.functional.cross_entropy(x, target)
 
 
-def top1(scores, labels, groups) -> float:
-    """Share of groups holding a positive whose best-scored candidate is positive."""
-    best: dict[int, tuple[float, float]] = {}
-    for s, y, g in zip(np.asarray(scores, float), np.asarray(labels, float),
-                       np.asarray(groups, int)):
-        if g not in best or s > best[g][0]:
-            best[g] = (s, y)
-    has = {int(g) for g, y in zip(np.asarray(groups, int), np.asarray(labels, float)) if y > 0.5}
-    return float(np.mean([best[g][1] for g in has])) if has else 0.0
-
-
 @torch.no_grad()
 def candidate_table(pipe, scenes, k: int, batch: int = 32):
     """The pipeline's top-k SSD candidates on scenes with known target boxes, as the ranker

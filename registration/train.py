@@ -490,6 +490,7 @@ def train_verifier(args) -> dict:
     scenes whose best-scored candidate is the target, against the shape overlap it replaces."""
     from .config import VerifierConfig
     from .pipeline import DATASETS, Pipeline
+    from .metrics import group_top1
     from .verify import Verifier, candidate_samples, mask_overlap, verifier_loss
     ds = DATASETS[args.dataset]
     seg = checkpoint.load(args.dataset, "segmenter") if ds.segmenter == "learned" else None
@@ -562,12 +563,7 @@ def train_verifier(args) -> dict:
 
     def top1(scores) -> float:
         """Share of validation scenes with a target candidate whose best candidate is it."""
-        best = {}
-        for s, y, i in zip(scores.tolist(), v_lab.tolist(), v_own.tolist()):
-            if i not in best or s > best[i][0]:
-                best[i] = (s, y)
-        has = {i for i, y in zip(v_own.tolist(), v_lab.tolist()) if y > 0.5}
-        return round(float(np.mean([best[i][1] for i in has])) if has else 0.0, 4)
+        return round(group_top1(scores, v_lab, v_own), 4)
 
     overlap_top1 = top1(mask_overlap(v_mov > 0.5, v_cand > 0.5))   # the baseline, once
 
@@ -604,7 +600,8 @@ def train_ranker(args) -> dict:
     from .config import RankerConfig
     from .data.usct import cached_pairs
     from .pipeline import DATASETS, Pipeline
-    from .ranker import Ranker, candidate_table, group_table, listwise_loss, top1
+    from .metrics import group_top1
+    from .ranker import Ranker, candidate_table, group_table, listwise_loss
     ds = DATASETS[args.dataset]
     pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
                     checkpoint.load(args.dataset, "localizer"), dataset=ds,
@@ -636,8 +633,8 @@ def train_ranker(args) -> dict:
     @torch.no_grad()
     def validate():
         model.eval()
-        out = {"val_top1": round(top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
-               "val_top1_ssd": round(top1(-vr, vy, vg), 4),
+        out = {"val_top1": round(group_top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
+               "val_top1_ssd": round(group_top1(-vr, vy, vg), 4),
                "val_target_among": round(float(len(np.unique(vg[vy > 0.5])))
                                          / max(len(np.unique(vg)), 1), 4)}
         model.train()

@@ -120,7 +120,7 @@ def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32):
     for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         found = pipe.localizer.candidates(f_t, q_t, k)
-        mov, fix, own, _, _, snapped = pipe._candidate_crops(prep, found, lb)
+        mov, fix, own, _, _, snapped, _ = pipe._candidate_crops(prep, found, lb)
         for m, f, i, box in zip(mov, fix, own, snapped):
             sc = prep[i]["scale"]
             iou = box_iou([v / sc for v in box], chunk[i].box.tolist())
@@ -199,7 +199,7 @@ def labelled_scene_masks(pipe, scenes, batch: int = 32):
         _, _, lb = pipe._ssd_inputs(prep)
         truth = [(torch.from_numpy(s.box[None] * k).float(), torch.ones(1))
                  for s, k in zip(chunk, lb)]
-        mov, fix, own, _, _, _ = pipe._candidate_crops(prep, truth, lb)
+        mov, fix, own, *_ = pipe._candidate_crops(prep, truth, lb)
         for m, f, i in zip(mov, fix, own):
             masks += [m, f]
             labels += [chunk[i].label] * 2

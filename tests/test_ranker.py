@@ -10,6 +10,7 @@ import torch
 
 from registration import checkpoint, ranker, train
 from registration.config import RankerConfig
+from registration.metrics import group_top1
 from registration.pipeline import DATASETS, Pipeline
 
 
@@ -93,7 +94,7 @@ def test_group_table_and_listwise_loss_by_hand():
     a = -(1.0 - np.log(np.exp(0) + np.exp(1) + np.exp(2)))
     b = -(3.0 - np.log(np.exp(3) + np.exp(0)))
     assert float(loss) == pytest.approx((a + b) / 2, rel=1e-6)
-    assert ranker.top1([0, 1, 2, 3, 0, 5, 5], labels, groups) == pytest.approx(0.5)
+    assert group_top1([0, 1, 2, 3, 0, 5, 5], labels, groups) == pytest.approx(0.5)
 
 
 def test_ranker_standardises_and_checks_its_input():

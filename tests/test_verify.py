@@ -45,7 +45,7 @@ def test_rerank_picks_the_candidate_the_verifier_scores_highest():
     prep = pipe._prepare([(s.moving, s.fixed) for s in scenes], [None] * 4, [None] * 4)
     f_t, q_t, lb = pipe._ssd_inputs(prep)
     cands = pipe.localizer.candidates(f_t, q_t, 5)
-    mov, fix, owner, boxes, scores, _ = pipe._candidate_crops(prep, cands, lb)
+    mov, fix, owner, boxes, scores, *_ = pipe._candidate_crops(prep, cands, lb)
     chosen, _, _ = pipe._rerank(prep, cands, lb)
     area = torch.from_numpy(fix.sum((1, 2))).float()
     value = (torch.sigmoid(area / 100 - 5) + RERANK_SCORE_WEIGHT * scores).numpy()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -178,7 +179,8 @@ def _score(rec: dict, prefix: str, r, s, detection: bool) -> None:
 
 def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
                       refine_steps: int | None = None, real: bool = False,
-                      rerank: int | None = None, components: bool = True) -> dict:
+                      rerank: int | None = None, components: bool = True,
+                      verifier: str | None = None) -> dict:
     """End to end on n held-out scenes: detection, matching pasted back into the full frame
     (against the target's true mask), without localization, ms per stage. Data sets with
     learned masks are also run with the true masks (the paper's setting): the moving object's
@@ -190,9 +192,10 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     pipe = Pipeline.from_pretrained(dataset)
     if refine_steps is not None:
         pipe.refine_steps = refine_steps
-    import dataclasses
     if rerank is not None:
         pipe.dataset = dataclasses.replace(pipe.dataset, rerank=rerank)
+    if verifier is not None:           # "none": re-rank by mask overlap
+        pipe.verifier = None if verifier == "none" else checkpoint.load_folder(verifier)
     dropped = pipe.dataset.component_candidates and not components
     if dropped:
         pipe.dataset = dataclasses.replace(pipe.dataset, component_candidates=False)
@@ -296,7 +299,8 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"
            + (f"_refine{pipe.refine_steps}" if pipe.refine_steps else "")
            + (f"_rerank{pipe.dataset.rerank}" if pipe.dataset.rerank > 1 else "")
-           + ("_nocomponents" if dropped else ""))
+           + ("_nocomponents" if dropped else "")
+           + (f"_{Path(verifier).name}" if verifier is not None else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
         from .viz import summary_figure
@@ -493,6 +497,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-components", dest="components", action="store_false",
                    help="pipeline: re-rank the SSD's candidates only, not also the fixed "
                         "foreground's connected components (silhouettes)")
+    p.add_argument("--verifier", default=None,
+                   help="pipeline: re-rank with this verifier checkpoint folder instead of the "
+                        "data set's (e.g. checkpoints/silhouettes/verifier-plain), or 'none' "
+                        "for the overlap of the two masks")
     p.add_argument("--real", action="store_true",
                    help="usct pipeline: the real CT volume's tumour slices instead of phantoms")
     p.add_argument("--refine-steps", type=int, default=None,
@@ -511,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
                          folder=args.checkpoint)
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
-                          args.refine_steps, args.real, args.rerank, args.components)
+                          args.refine_steps, args.real, args.rerank, args.components,
+                          args.verifier)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ class DatasetConfig:
     # add the fixed foreground's connected components to the re-ranked candidates (the given
     # fixed mask's, else the segmenter's on the whole frame)
     component_candidates: bool = False
+    # … and the pieces of each component that an erosion splits in two or more (animals that
+    # touch are one component; registration.segment.split_touching)
+    split_components: bool = False
     # re-rank the SSD's candidates with a learned scorer of the pair's geometry
     # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
     ranker: bool = False
@@ -180,6 +183,9 @@ class VerifierConfig:
     # mask's kind averaged with its mirror image's ("plain": the first design)
     arch: str = "plain"
     dropout: float = 0.0
+    # classes > 0 only: also see the grey detail inside each object (a second input channel,
+    # registration.verify.object_detail), not just its outline
+    grey: bool = False
     kind: str = "verifier"
 
 

@@ -180,7 +180,7 @@ def _score(rec: dict, prefix: str, r, s, detection: bool) -> None:
 def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
                       refine_steps: int | None = None, real: bool = False,
                       rerank: int | None = None, components: bool = True,
-                      verifier: str | None = None) -> dict:
+                      verifier: str | None = None, split: bool = True) -> dict:
     """End to end on n held-out scenes: detection, matching pasted back into the full frame
     (against the target's true mask), without localization, ms per stage. Data sets with
     learned masks are also run with the true masks (the paper's setting): the moving object's
@@ -199,6 +199,9 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     dropped = pipe.dataset.component_candidates and not components
     if dropped:
         pipe.dataset = dataclasses.replace(pipe.dataset, component_candidates=False)
+    unsplit = pipe.dataset.component_candidates and pipe.dataset.split_components and not split
+    if unsplit:
+        pipe.dataset = dataclasses.replace(pipe.dataset, split_components=False)
     gt = pipe.dataset.segmenter == "learned"
     test = test_scenes(dataset, n, seed, real)
     n = len(test)
@@ -286,7 +289,9 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     print(f"{title}: {n} held-out {side}×{side} scenes (seed {seed}), "
           f"{torch.get_num_threads()} threads, {pipe.refine_steps} refinement steps, "
           f"{pipe.dataset.rerank} SSD candidates re-ranked"
-          f"{' (+ the foreground components)' if pipe.dataset.component_candidates else ''}; "
+          f"{' (+ the foreground components' if pipe.dataset.component_candidates else ''}"
+          f"{' and their split pieces' if pipe.dataset.component_candidates and pipe.dataset.split_components else ''}"
+          f"{')' if pipe.dataset.component_candidates else ''}; "
           f"matching scored end to end on the full frame\n")
     print(table, "\n")
     print(dist, "\n")
@@ -294,12 +299,14 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     payload = {"dataset": dataset, "real": real, "scenes": n, "seed": seed, "threads": torch.get_num_threads(),
                "refine_steps": pipe.refine_steps, "rerank": pipe.dataset.rerank,
                "component_candidates": pipe.dataset.component_candidates,
+               "split_components": pipe.dataset.split_components,
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"
            + (f"_refine{pipe.refine_steps}" if pipe.refine_steps else "")
            + (f"_rerank{pipe.dataset.rerank}" if pipe.dataset.rerank > 1 else "")
            + ("_nocomponents" if dropped else "")
+           + ("_nosplit" if unsplit else "")
            + (f"_{Path(verifier).name}" if verifier is not None else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
@@ -497,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-components", dest="components", action="store_false",
                    help="pipeline: re-rank the SSD's candidates only, not also the fixed "
                         "foreground's connected components (silhouettes)")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="pipeline: do not add the pieces of touching objects' components as "
+                        "candidates (silhouettes)")
     p.add_argument("--verifier", default=None,
                    help="pipeline: re-rank with this verifier checkpoint folder instead of the "
                         "data set's (e.g. checkpoints/silhouettes/verifier-plain), or 'none' "
@@ -520,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
                           args.refine_steps, args.real, args.rerank, args.components,
-                          args.verifier)
+                          args.verifier, args.split)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from . import checkpoint, frozen, segment, tps
 from . import ranker as ranker_mod
 from .config import DatasetConfig
 from .coords import norm_to_pixel
-from .verify import mask_overlap
+from .verify import mask_overlap, object_detail
 
 DATASETS: dict[str, DatasetConfig] = {
     "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4, threshold=0.5),
@@ -34,7 +34,8 @@ DATASETS: dict[str, DatasetConfig] = {
     # second verifier: 0.659 → 0.682 learned masks, 0.838 → 0.923 true masks; README)
     "silhouettes": DatasetConfig(name="silhouettes", segmenter="learned", bright_objects=False,
                                  crop_margin=1.3, threshold=None, min_object_px=8, rerank=5,
-                                 verifier=True, component_candidates=True),
+                                 verifier=True, component_candidates=True,
+                                 split_components=True),
     # CT (fixed) and simulated ultrasound (moving): the tumour is segmented by a U-Net. The
     # SSD's top 4 boxes re-ranked by the geometry ranker (registration.ranker: target first in
     # 88.6 % of 300 validation pairs vs 77.2 % for the SSD's own order; re-ranking by mask
@@ -532,14 +533,18 @@ class Pipeline:
         out = []
         for i, (p, (bx, _)) in enumerate(zip(prep, cands)):
             p["candidate_objects"] = {}
+            given = p.get("given_objects", {})    # pieces of split components, as they are
             frame = [b.numpy().astype(np.float64) / lb[i] for b in bx]
             if p["uf"] is not None:
                 masks = [p["uf"]] * len(frame)
             else:
-                masks = self._region_masks([p["fg"]] * len(frame), frame)
+                todo = [j for j in range(len(frame)) if j not in given]
+                seg = dict(zip(todo, self._region_masks([p["fg"]] * len(todo),
+                                                        [frame[j] for j in todo])))
+                masks = [seg.get(j) for j in range(len(frame))]
             for j, (box, m) in enumerate(zip(frame, masks)):
-                obj = segment.select_best_fit(m, box, min_px=self.dataset.min_object_px,
-                                              clip=self.dataset.snap_clip)
+                obj = given[j] if j in given else segment.select_best_fit(
+                    m, box, min_px=self.dataset.min_object_px, clip=self.dataset.snap_clip)
                 fb = mask_box(obj)
                 if fb is not None:
                     out.append((i, j, obj, fb))
@@ -569,25 +574,54 @@ class Pipeline:
                 [fb for *_, fb in found],
                 np.array([j for _, j, *_ in found], int))
 
+    def _verifier_inputs(self, prep: list[dict], mov: np.ndarray, fix: np.ndarray,
+                         owner: np.ndarray, snapped: list, grey: bool):
+        """The verifier's inputs from _candidate_crops' masks (N, S, S) bool: (N, C, S, S)
+        float32 for the moving objects and the candidates; C = 1 (the masks), or with
+        ``grey`` C = 2: each mask and the grey detail inside it (verify.object_detail) in
+        the same S×S crop of the working image."""
+        if not grey:
+            return mov[:, None].astype(np.float32), fix[:, None].astype(np.float32)
+        s, margin = self.size, self.dataset.crop_margin
+        m_detail = {}
+        for k, i in enumerate(owner.tolist()):
+            if i not in m_detail:
+                m_detail[i] = object_detail(crop(prep[i]["mg"], prep[i]["m_sq"], s), mov[k])
+        f_detail = [object_detail(crop(prep[i]["fg"], square_around(fb, margin), s), f)
+                    for i, f, fb in zip(owner.tolist(), fix, snapped)]
+        return (np.stack([mov.astype(np.float32), np.stack([m_detail[i] for i in owner.tolist()])], 1),
+                np.stack([fix.astype(np.float32), np.stack(f_detail)], 1))
+
     def _with_components(self, prep: list[dict], cands, lb) -> list[tuple]:
         """The SSD's candidates (boxes (k, 4) in its frame, scores (k,)) per pair, followed by
         one more box per connected component (8-connected, ≥ COMPONENT_MIN_PX) of the fixed
         image's foreground (the given fixed mask, else the segmenter's on the whole frame),
-        with score 0: the SSD's top boxes miss the target in ~8 % of silhouette scenes."""
+        with score 0: the SSD's top boxes miss the target in ~8 % of silhouette scenes. With
+        ``split_components``, also one box per piece of a component that
+        segment.split_touching splits; each piece is its candidate's object as it is (kept in
+        ``prep[i]["given_objects"]`` by candidate index)."""
         out = []
         for i, (p, (bx, sc)) in enumerate(zip(prep, cands)):
             fg = p["uf"] if p["uf"] is not None else self._frame_foreground(p["fg"])
-            n, _, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8),
-                                                              connectivity=8)
+            n, lab, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8),
+                                                                connectivity=8)
             keep = [c for c in range(1, n) if stats[c, cv2.CC_STAT_AREA] >= COMPONENT_MIN_PX]
-            if not keep:
+            boxes = [(stats[c, cv2.CC_STAT_LEFT], stats[c, cv2.CC_STAT_TOP],
+                      stats[c, cv2.CC_STAT_LEFT] + stats[c, cv2.CC_STAT_WIDTH],
+                      stats[c, cv2.CC_STAT_TOP] + stats[c, cv2.CC_STAT_HEIGHT]) for c in keep]
+            p["given_objects"] = {}
+            if self.dataset.split_components:
+                for c in keep:
+                    for piece in segment.split_touching(lab == c):
+                        if piece.sum() >= COMPONENT_MIN_PX:
+                            p["given_objects"][len(bx) + len(boxes)] = piece
+                            boxes.append(mask_box(piece))
+            if not boxes:
                 out.append((bx, sc))
                 continue
-            x, y, w, h = (stats[keep, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP,
-                                                   cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
-            extra = torch.from_numpy(np.stack([x, y, x + w, y + h], 1).astype(np.float32))
+            extra = torch.tensor(np.array(boxes, np.float32))
             out.append((torch.cat([bx, extra * lb[i]]),
-                        torch.cat([sc, torch.zeros(len(keep), dtype=sc.dtype)])))
+                        torch.cat([sc, torch.zeros(len(boxes), dtype=sc.dtype)])))
         return out
 
     def _frame_foreground(self, gray: np.ndarray) -> np.ndarray:
@@ -636,13 +670,15 @@ class Pipeline:
             return self._chosen(prep, best, n_ssd)
         if self.dataset.component_candidates:
             cands = self._with_components(prep, cands, lb)
-        mov, fix, owner, boxes, scores, _, ranks = self._candidate_crops(prep, cands, lb)
+        mov, fix, owner, boxes, scores, snapped, ranks = self._candidate_crops(prep, cands, lb)
         if len(mov):
             w, fb_ = torch.from_numpy(mov), torch.from_numpy(fix)
             if self.verifier is not None:
+                grey = getattr(getattr(self.verifier, "cfg", None), "grey", False)
+                xm, xf = self._verifier_inputs(prep, mov, fix, owner, snapped, grey)
                 with torch.no_grad():
-                    match = torch.sigmoid(self.verifier(w[:, None].float(),
-                                                        fb_[:, None].float()))
+                    match = torch.sigmoid(self.verifier(torch.from_numpy(xm),
+                                                        torch.from_numpy(xf)))
             else:
                 # overlap of the two object-centric masks as they are: warping first (one
                 # matcher pass) made every animal fit every other and chose worse (box Dice
@@ -660,6 +696,7 @@ class Pipeline:
         chosen object in ``prep[i]["snapped"]`` (None if it was not segmented)."""
         for p, b in zip(prep, best):
             p["snapped"] = p.pop("candidate_objects", {}).get(b[3])
+            p.pop("given_objects", None)
         return (torch.stack([b[0] for b in best]), torch.stack([b[1] for b in best]),
                 ["ssd" if b[3] < n else "component" for b, n in zip(best, n_ssd)])
 

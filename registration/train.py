@@ -497,6 +497,9 @@ def train_verifier(args) -> dict:
     pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
                     checkpoint.load(args.dataset, "localizer"), dataset=ds, segmenter=seg)
     t0 = time.time()
+    grey = args.verifier_grey
+    if grey and not args.classes:
+        raise SystemExit("verifier --verifier-grey: needs --classes (it classifies each object)")
     if args.classes:
         if args.dataset != "silhouettes":
             raise SystemExit("verifier --classes: only the silhouettes have kinds of object")
@@ -510,7 +513,23 @@ def train_verifier(args) -> dict:
         v_shapes, v_kinds = torch.from_numpy(v_shapes).float().unsqueeze(1), v_kinds[v_rows]
         mov = cand = lab = None
         seg_x = seg_y = None
-        if args.scene_masks:
+        if grey:
+            # objects cut from scenes, segmented by the pipeline and from the true masks, half
+            # each: the grey detail only exists in rendered scenes
+            from .verify import labelled_scene_masks
+            print(f"cutting the moving and target objects of {args.pool} training scenes, "
+                  f"segmented and true …", flush=True)
+            src = scene_source(args.dataset, "train", args.seed, args)
+            parts = [labelled_scene_masks(pipe, src.batch(args.pool // 2), grey=True,
+                                          given_masks=g) for g in (False, True)]
+            seg_x = torch.from_numpy(np.concatenate([x for x, _ in parts]))
+            seg_y = torch.from_numpy(np.concatenate([y for _, y in parts]))
+            vsrc = scene_source(args.dataset, "val", args.seed + 2, args).batch(args.val_pairs)
+            vparts = [labelled_scene_masks(pipe, vsrc, grey=True, given_masks=g)
+                      for g in (False, True)]
+            v_shapes = torch.from_numpy(np.concatenate([x for x, _ in vparts]))
+            v_kinds = np.concatenate([y for _, y in vparts])
+        elif args.scene_masks:
             from .verify import labelled_scene_masks
             print(f"segmenting {args.scene_masks} training scenes …", flush=True)
             x, y = labelled_scene_masks(
@@ -523,9 +542,9 @@ def train_verifier(args) -> dict:
             args.rerank_k)
     v_mov, v_cand, v_lab, v_own = candidate_samples(
         pipe, scene_source(args.dataset, "val", args.seed + 1, args).batch(args.val_pairs),
-        args.rerank_k)
+        args.rerank_k, grey=grey)
     collect_s = time.time() - t0
-    t = lambda a: torch.from_numpy(a).float().unsqueeze(1)
+    t = lambda a: torch.from_numpy(a).float() if grey else torch.from_numpy(a).float().unsqueeze(1)
     if lab is not None:
         print(f"{len(lab)} training samples ({lab.mean():.1%} positive), {len(v_lab)} "
               f"validation, {collect_s / 60:.1f} min", flush=True)
@@ -533,7 +552,7 @@ def train_verifier(args) -> dict:
     v_mov, v_cand = t(v_mov), t(v_cand)
     bn = args.verifier_arch == "bn"
     cfg = VerifierConfig(input_size=pipe.size, classes=args.classes, arch=args.verifier_arch,
-                         dropout=0.3 if bn else 0.0,
+                         dropout=0.3 if bn else 0.0, grey=grey,
                          **({"channels": tuple(args.verifier_channels),
                              "hidden": 2 * args.verifier_channels[-1]}
                             if args.verifier_channels else {}))
@@ -542,6 +561,13 @@ def train_verifier(args) -> dict:
     rng = np.random.default_rng(args.seed)
 
     def batch_loss():
+        if grey:                       # classify objects cut from rendered scenes
+            idx = torch.from_numpy(rng.choice(len(seg_y), args.batch, replace=False))
+            x = seg_x[idx]
+            flip = torch.from_numpy(rng.random(args.batch) < 0.5)
+            x[flip] = x[flip].flip(-1)
+            return torch.nn.functional.cross_entropy(model.classify(x), seg_y[idx],
+                                                     label_smoothing=0.1 if bn else 0.0), {}
         if args.classes:               # classify silhouettes drawn as the pipeline sees them
             n_seg = args.batch // 2 if seg_x is not None else 0
             x, rows_ = shape_samples(row_masks, args.batch - n_seg, cfg.input_size,
@@ -565,7 +591,7 @@ def train_verifier(args) -> dict:
         """Share of validation scenes with a target candidate whose best candidate is it."""
         return round(group_top1(scores, v_lab, v_own), 4)
 
-    overlap_top1 = top1(mask_overlap(v_mov > 0.5, v_cand > 0.5))   # the baseline, once
+    overlap_top1 = top1(mask_overlap(v_mov[:, :1] > 0.5, v_cand[:, :1] > 0.5))   # baseline, once
 
     @torch.no_grad()
     def validate():
@@ -576,7 +602,8 @@ def train_verifier(args) -> dict:
         out = {"val_accuracy": round(float(acc), 4), "val_top1": top1(logits),
                "val_top1_shape_overlap": overlap_top1}
         if args.classes:
-            kind = model.classify(v_shapes).argmax(1).numpy()
+            kind = torch.cat([model.classify(v_shapes[k:k + 512]) for k in
+                              range(0, len(v_shapes), 512)]).argmax(1).numpy()
             out["val_class_accuracy"] = round(float((kind == v_kinds).mean()), 4)
         model.train()
         return out
@@ -704,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier-arch", default="plain", choices=["plain", "bn"],
                    help="verifier: 'bn' adds BatchNorm, global pooling, dropout 0.3, mirror "
                         "averaging, and (with --classes) label smoothing 0.1 and aspect jitter")
+    p.add_argument("--verifier-grey", action="store_true",
+                   help="verifier --classes: also see the grey detail inside each object (a "
+                        "second channel), trained on objects cut from --pool training scenes")
     p.add_argument("--scene-masks", type=int, default=0,
                    help="verifier --classes: also train on the segmented moving and target "
                         "masks of this many training scenes (half of each batch)")

@@ -16,6 +16,7 @@ shipped silhouettes verifier 32-64-128), a hidden layer, the logits.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,11 @@ class Verifier(nn.Module):
         self.cfg = cfg = cfg or VerifierConfig()
         if cfg.arch not in ("plain", "bn"):
             raise ValueError(f"arch: expected 'plain' or 'bn', got {cfg.arch!r}")
+        if cfg.grey and not cfg.classes:
+            raise ValueError("grey: only a kind-classifying verifier (classes > 0) sees grey detail")
         bn = cfg.arch == "bn"
         layers: list[nn.Module] = []
-        c_in = 1 if cfg.classes else 2
+        c_in = self.channels_in = 2 if (cfg.grey or not cfg.classes) else 1
         for c in cfg.channels:
             for a, b in ((c_in, c), (c, c)):
                 layers += [nn.Conv2d(a, b, 3, padding=1, bias=not bn)]
@@ -61,18 +64,21 @@ class Verifier(nn.Module):
                                       nn.Linear(cfg.hidden, cfg.classes or 1))
 
     def _check(self, name: str, t: torch.Tensor) -> None:
-        s = self.cfg.input_size
-        if t.ndim != 4 or t.shape[1] != 1 or tuple(t.shape[-2:]) != (s, s):
-            raise ValueError(f"{name}: expected (B, 1, {s}, {s}), got {tuple(t.shape)}")
+        s, c = self.cfg.input_size, 2 if self.cfg.grey else 1
+        if t.ndim != 4 or t.shape[1] != c or tuple(t.shape[-2:]) != (s, s):
+            raise ValueError(f"{name}: expected (B, {c}, {s}, {s}), got {tuple(t.shape)}")
 
     def classify(self, masks: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) masks → (B, n) class logits (``cfg.classes = n`` only)."""
+        """(B, 1, S, S) masks, or with ``cfg.grey`` (B, 2, S, S) masks and their
+        :func:`object_detail` → (B, n) class logits (``cfg.classes = n`` only)."""
         if not self.cfg.classes:
             raise ValueError("classify: this verifier compares pairs (cfg.classes = 0)")
         self._check("masks", masks)
-        return self.head(self.features(masks - 0.5))
+        centred = torch.cat([masks[:, :1] - 0.5, masks[:, 1:]], 1)
+        return self.head(self.features(centred))
 
     def forward(self, moving: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        """moving, candidate: (B, C, S, S), C = 2 with ``cfg.grey`` (mask, detail), else 1."""
         self._check("moving", moving)
         self._check("candidate", candidate)
         if self.cfg.classes:
@@ -85,16 +91,41 @@ class Verifier(nn.Module):
         return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
 
 
-def _prepared_chunks(pipe, scenes, batch: int):
+DETAIL_CLIP = 4.0     # object_detail's bound, in standard deviations
+
+
+def object_detail(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The grey detail inside an object: (H, W) float image and bool mask → (H, W) float32,
+    the image standardised over the mask's interior (the mask eroded by one pixel, so the
+    outline's blend with the background is left out; the whole mask if nothing is left) by
+    its median and standard deviation, clipped to ±DETAIL_CLIP, and 0 outside it. Invariant
+    to the object's brightness and contrast: only the pattern inside (stripes, patches) stays."""
+    if gray.shape != mask.shape:
+        raise ValueError(f"object_detail: gray {gray.shape} and mask {mask.shape} differ")
+    core = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8), borderValue=0) > 0
+    if core.sum() < 4:
+        core = mask.astype(bool)
+    out = np.zeros(gray.shape, np.float32)
+    if core.sum() < 2:
+        return out
+    v = gray[core].astype(np.float32)
+    out[core] = np.clip((v - np.median(v)) / (v.std() + 1e-2), -DETAIL_CLIP, DETAIL_CLIP)
+    return out
+
+
+def _prepared_chunks(pipe, scenes, batch: int, given_masks: bool = False):
     """Scenes in chunks of ``batch``, each as (index of its first scene, the scenes whose
     moving object the pipeline finds, their ``Pipeline._prepare`` records); the others are
-    skipped, and chunks left empty too."""
+    skipped, and chunks left empty too. ``given_masks``: the pipeline is given each scene's
+    true moving mask and true fixed foreground (all its animals), as in evaluation with
+    true masks."""
     from .pipeline import RegistrationError
     for start in range(0, len(scenes), batch):
         chunk, prep = [], []
         for s in scenes[start:start + batch]:
+            masks_ = ([s.moving_mask], [s.all_mask]) if given_masks else ([None], [None])
             try:
-                prep += pipe._prepare([(s.moving, s.fixed)], [None], [None])
+                prep += pipe._prepare([(s.moving, s.fixed)], *masks_)
                 chunk.append(s)
             except RegistrationError:
                 continue
@@ -111,16 +142,19 @@ def mask_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32):
+def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32, grey: bool = False):
     """The pipeline's re-ranking inputs on scenes with known target boxes: moving and
-    candidate object-centric masks (N, S, S) bool, labels (N,) float (1: the candidate is the
-    target, by IoU of its snapped box with the target's box; ambiguous overlaps left out) and
-    the scene index of each (N,)."""
+    candidate object-centric masks (N, S, S) bool (with ``grey``: the verifier's two-channel
+    inputs (N, 2, S, S) float32, mask and :func:`object_detail`), labels (N,) float (1: the
+    candidate is the target, by IoU of its snapped box with the target's box; ambiguous
+    overlaps left out) and the scene index of each (N,)."""
     movs, cands, labels, owner = [], [], [], []
     for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         found = pipe.localizer.candidates(f_t, q_t, k)
         mov, fix, own, _, _, snapped, _ = pipe._candidate_crops(prep, found, lb)
+        if grey and len(mov):
+            mov, fix = pipe._verifier_inputs(prep, mov, fix, own, snapped, grey=True)
         for m, f, i, box in zip(mov, fix, own, snapped):
             sc = prep[i]["scale"]
             iou = box_iou([v / sc for v in box], chunk[i].box.tolist())
@@ -132,7 +166,7 @@ def candidate_samples(pipe, scenes, k: int = 8, batch: int = 32):
             owner.append(start + int(i))
     s = pipe.size
     if not movs:
-        e = np.zeros((0, s, s), bool)
+        e = np.zeros((0, 2, s, s), np.float32) if grey else np.zeros((0, s, s), bool)
         return e, e, np.zeros(0, np.float32), np.zeros(0, int)
     return (np.stack(movs), np.stack(cands), np.array(labels, np.float32), np.array(owner))
 
@@ -190,22 +224,28 @@ def shape_samples(masks: np.ndarray, n: int, size: int, margin: float,
 
 
 @torch.no_grad()
-def labelled_scene_masks(pipe, scenes, batch: int = 32):
+def labelled_scene_masks(pipe, scenes, batch: int = 32, grey: bool = False,
+                         given_masks: bool = False):
     """Object-centric masks (N, S, S) bool of the moving object and of the target as the
     pipeline segments them (the target's region cut around its true box), with each scene's
-    kind label (N,): the verifier's inputs with the segmenter's own errors."""
+    kind label (N,): the verifier's inputs with the segmenter's own errors. ``grey``: the
+    two-channel inputs (N, 2, S, S) float32 instead; ``given_masks``: cut from the scenes'
+    true masks instead of segmented."""
     masks, labels = [], []
-    for _, chunk, prep in _prepared_chunks(pipe, scenes, batch):
+    for _, chunk, prep in _prepared_chunks(pipe, scenes, batch, given_masks):
         _, _, lb = pipe._ssd_inputs(prep)
         truth = [(torch.from_numpy(s.box[None] * k).float(), torch.ones(1))
                  for s, k in zip(chunk, lb)]
-        mov, fix, own, *_ = pipe._candidate_crops(prep, truth, lb)
+        mov, fix, own, _, _, snapped, _ = pipe._candidate_crops(prep, truth, lb)
+        if grey and len(mov):
+            mov, fix = pipe._verifier_inputs(prep, mov, fix, own, snapped, grey=True)
         for m, f, i in zip(mov, fix, own):
             masks += [m, f]
             labels += [chunk[i].label] * 2
     s = pipe.size
     if not masks:
-        return np.zeros((0, s, s), bool), np.zeros(0, np.int64)
+        shape = (0, 2, s, s) if grey else (0, s, s)
+        return np.zeros(shape, np.float32 if grey else bool), np.zeros(0, np.int64)
     return np.stack(masks), np.array(labels, np.int64)
 
 

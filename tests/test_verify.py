@@ -165,3 +165,150 @@ def test_component_candidates_rescue_a_target_the_ssd_missed():
     pipe.dataset = dataclasses.replace(pipe.dataset, component_candidates=False)
     chosen, _, source = pipe._rerank(prep, miss, lb)   # without them: the SSD's box only
     assert torch.equal(chosen[0], miss[0][0][0]) and source == ["ssd"]
+
+
+# -- the grey verifier: the detail inside each object, not just its outline ------------------
+
+def test_object_detail_standardises_the_interior_and_ignores_brightness_and_contrast():
+    from registration.verify import DETAIL_CLIP, object_detail
+    mask = np.zeros((16, 16), bool)
+    mask[3:13, 3:13] = True
+    stripes = np.tile((np.arange(16) % 4 < 2).astype(np.float32), (16, 1))
+    g = 0.4 + 0.1 * stripes
+    d = object_detail(g, mask)
+    core = np.zeros_like(mask)
+    core[4:12, 4:12] = True                  # the mask eroded by one pixel
+    assert np.all(d[~core] == 0)             # outside, and the outline's ring, are 0
+    v = g[core]
+    want = (v - np.median(v)) / (v.std() + 1e-2)
+    assert np.allclose(d[core], want, atol=1e-6)
+    # a brighter copy with 3× the contrast gives nearly the same pattern (the 0.01 floor
+    # under the standard deviation is all that differs: ±0.83 vs ±0.94), where the grey
+    # values themselves moved by 0.2–0.4
+    g2 = 0.6 + 3.0 * (g - 0.4)
+    d2 = object_detail(g2, mask)
+    assert np.allclose(d2, d, atol=0.12) and np.abs(g2 - g)[core].min() >= 0.2
+    assert np.all(object_detail(np.full((16, 16), 0.3, np.float32), mask) == 0)   # flat
+    spike = g.copy()
+    spike[8, 8] = 100.0
+    assert object_detail(spike, mask).max() == DETAIL_CLIP
+    assert np.all(object_detail(g, np.zeros_like(mask)) == 0)                    # empty
+    with pytest.raises(ValueError, match="differ"):
+        object_detail(g, mask[:8])
+
+
+def test_grey_verifier_takes_two_channels_and_needs_kinds():
+    v = Verifier(VerifierConfig(input_size=32, classes=10, arch="bn", grey=True))
+    assert v(torch.zeros(3, 2, 32, 32), torch.zeros(3, 2, 32, 32)).shape == (3,)
+    with pytest.raises(ValueError, match=r"expected \(B, 2, 32, 32\), got \(3, 1, 32, 32\)"):
+        v.classify(torch.zeros(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="grey"):
+        Verifier(VerifierConfig(input_size=32, classes=0, grey=True))
+
+
+def test_pipeline_gives_a_grey_verifier_each_candidates_detail():
+    """The re-ranking's inputs: channel 0 the object-centric masks, channel 1 the grey detail
+    of the same crop of the working image."""
+    from registration.data.silhouettes import test_scenes
+    from registration.pipeline import crop, square_around
+    from registration.verify import object_detail
+    pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0)
+    s = test_scenes(2, seed=8)
+    prep = pipe._prepare([(x.moving, x.fixed) for x in s], [None] * 2, [None] * 2)
+    f_t, q_t, lb = pipe._ssd_inputs(prep)
+    cands = pipe.localizer.candidates(f_t, q_t, 3)
+    mov, fix, own, _, _, snapped, _ = pipe._candidate_crops(prep, cands, lb)
+    xm, xf = pipe._verifier_inputs(prep, mov, fix, own, snapped, grey=True)
+    assert xm.shape == xf.shape == (len(mov), 2, 32, 32)
+    assert np.array_equal(xm[:, 0] > 0.5, mov) and np.array_equal(xf[:, 0] > 0.5, fix)
+    k = len(mov) - 1
+    i = own[k]
+    want = object_detail(crop(prep[i]["fg"], square_around(snapped[k], 1.3), 32), fix[k])
+    assert np.allclose(xf[k, 1], want)
+    assert np.abs(xf[:, 1]).max() > 0.5      # there is detail to see
+    one_m, one_f = pipe._verifier_inputs(prep, mov, fix, own, snapped, grey=False)
+    assert one_m.shape == (len(mov), 1, 32, 32) and np.array_equal(one_f[:, 0] > 0.5, fix)
+
+
+def test_grey_verifier_trains_on_cut_out_objects(tmp_path):
+    out = tmp_path / "grey"
+    train.main(["verifier", "--dataset", "silhouettes", "--classes", "10", "--verifier-grey",
+                "--verifier-arch", "bn", "--pool", "8", "--val-pairs", "3",
+                "--verifier-channels", "8", "16", "--steps", "2", "--batch", "8",
+                "--val-every", "1", "--threads", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["val_class_accuracy"] <= 1 and "val_top1" in metrics
+    v = checkpoint.load_folder(out)
+    assert v.cfg.grey and v.cfg.classes == 10
+    with pytest.raises(SystemExit):
+        train.main(["verifier", "--dataset", "silhouettes", "--verifier-grey", "--steps", "1"])
+
+
+# -- touching animals: one component, split into its pieces ----------------------------------
+
+def _two_discs(neck: int = 3):
+    import cv2
+    m = np.zeros((64, 96), np.uint8)
+    cv2.circle(m, (25, 32), 14, 1, -1)
+    cv2.circle(m, (66, 32), 12, 1, -1)
+    m[32 - neck // 2:32 - neck // 2 + neck, 30:62] = 1          # the neck joining them
+    return m.astype(bool)
+
+
+def test_split_touching_cuts_two_joined_discs_at_the_neck_and_keeps_one_animal_whole():
+    import cv2
+    from registration.segment import split_touching
+    m = _two_discs()
+    pieces = split_touching(m)
+    assert len(pieces) == 2
+    assert not (pieces[0] & pieces[1]).any()
+    assert np.array_equal(pieces[0] | pieces[1], m)                # every pixel goes somewhere
+    for p, cx in zip(sorted(pieces, key=lambda p: np.nonzero(p)[1].mean()), (25, 66)):
+        xs = np.nonzero(p)[1]
+        assert abs(np.median(xs) - cx) < 3                         # each piece is one disc
+        assert xs.max() - xs.min() < 2 * 14 + 16                   # … with at most half the neck
+    # one body with a thin leg: the erosion cuts the leg off, but it is too small to count
+    one = np.zeros((64, 64), np.uint8)
+    cv2.circle(one, (32, 24), 14, 1, -1)
+    one[38:60, 30:33] = 1
+    assert split_touching(one.astype(bool)) == []
+    assert split_touching(np.zeros((8, 8), bool)) == []
+    # a wide neck survives every erosion radius tried: not split
+    assert split_touching(_two_discs(neck=13), radii=(1, 2)) == []
+
+
+def test_pieces_of_a_joined_component_are_candidates_as_they_are():
+    from registration.segment import split_touching
+    pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0, freeze=False)
+    fixed = np.zeros((128, 128), bool)
+    fixed[20:84, 10:106] = _two_discs()
+    img = (fixed * 200 + 20).astype(np.uint8)
+    moving = np.zeros((64, 64), np.uint8)
+    moving[10:50, 10:50] = 220
+    prep = pipe._prepare([(moving, img)], [None], [fixed])
+    ssd = (torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([0.7]))
+    cands = pipe._with_components(prep, [ssd], [1.0])
+    boxes, scores = cands[0]
+    assert len(boxes) == 4 and scores.tolist() == pytest.approx([0.7, 0, 0, 0])
+    uf = prep[0]["uf"]
+    want = split_touching(uf)
+    assert sorted(prep[0]["given_objects"]) == [2, 3]
+    for j, piece in zip((2, 3), want):
+        assert np.array_equal(prep[0]["given_objects"][j], piece)
+    objs = {j: obj for _, j, obj, _ in pipe._candidate_objects(prep, cands, [1.0])}
+    assert np.array_equal(objs[1], uf)                      # the joined component, whole
+    assert np.array_equal(objs[2], want[0]) and np.array_equal(objs[3], want[1])
+    pipe.dataset = dataclasses.replace(pipe.dataset, split_components=False)
+    assert len(pipe._with_components(prep, [ssd], [1.0])[0][0]) == 2
+
+
+def test_evaluate_cli_turns_the_split_pieces_off_and_says_so(tmp_path):
+    from registration import evaluate
+    evaluate.main(["pipeline", "--dataset", "silhouettes", "-n", "2", "--no-figure",
+                   "--threads", "1", "--no-split", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "silhouettes_pipeline_refine5_rerank5_nosplit.json").read_text())
+    assert out["component_candidates"] and not out["split_components"]
+    evaluate.main(["pipeline", "--dataset", "silhouettes", "-n", "2", "--no-figure",
+                   "--threads", "1", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "silhouettes_pipeline_refine5_rerank5.json").read_text())
+    assert out["split_components"]

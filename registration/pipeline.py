@@ -65,8 +65,8 @@ class Result:
     box, ssd_box: xyxy float pixels in the fixed image (``box`` is the SSD box snapped to the
     segmented object; ``ssd_box`` the detector's raw box); None without localization.
     box_source: "ssd" (one of the SSD's boxes) or "component" (a connected component of the
-    fixed foreground that the re-ranking preferred; its ``score`` is 0); None without
-    localization.
+    fixed foreground, or a piece of one that touching objects joined, that the re-ranking
+    preferred; its ``score`` is 0); None without localization.
     control_points: (K, 2) pixel coords in the moving crop where the TPS control points sample
     it (the grid *before* warping); control_points_warped: (K, 2) where those points land in the
     fixed crop (the regular grid *after* warping).

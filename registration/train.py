@@ -486,8 +486,11 @@ def train_segmenter(args) -> dict:
 
 def train_verifier(args) -> dict:
     """Samples from the pipeline's own candidates (top ``--rerank-k`` boxes after NMS) in
-    ``--pool`` training scenes, validation on ``--val-pairs`` validation scenes: the share of
-    scenes whose best-scored candidate is the target, against the shape overlap it replaces."""
+    ``--pool`` training scenes; with ``--classes``, labelled silhouettes instead (the rows
+    drawn as the pipeline sees them, or with ``--verifier-grey`` the moving and target objects
+    cut out of ``--pool`` rendered scenes, mask and grey detail). Validation on
+    ``--val-pairs`` validation scenes: the share of scenes whose best-scored candidate is the
+    target, against the shape overlap it replaces."""
     from .config import VerifierConfig
     from .pipeline import DATASETS, Pipeline
     from .metrics import group_top1

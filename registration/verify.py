@@ -9,10 +9,13 @@ one candidate box, S×S, as the pipeline crops them for the matcher) → one log
 kind of object".
 
 Two designs (``VerifierConfig.classes``): one network sees both masks stacked as channels and
-gives one logit; or (shipped for the silhouettes) one network classifies each mask into the
-data set's kinds, trained on its labelled rows, and "same" is the chance both are one kind.
+gives one logit; or (shipped for the silhouettes) one network classifies each object into the
+data set's kinds and "same" is the chance both are one kind. The kinds can be read from the
+mask alone (trained on the labelled rows drawn as the pipeline sees them), or with
+``VerifierConfig.grey`` (shipped) from the mask and the grey detail inside it
+(:func:`object_detail`, a second channel; trained on objects cut out of rendered scenes).
 Either way: levels of two 3×3 conv + ReLU and a 2×2 max-pool (default 16-32-64 channels; the
-shipped silhouettes verifier 32-64-128), a hidden layer, the logits.
+shipped silhouettes verifier 32-64-128, with BatchNorm and global pooling), then the logits.
 """
 from __future__ import annotations
 

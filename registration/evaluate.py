@@ -286,12 +286,13 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                   [[k, v["n"], v["box_dice"], v["dice"], v["noloc_dice"]] for k, v in by_k.items()])
     side = test[0].fixed.shape[0]
     title = TITLES["usct-real" if real else dataset]
+    ds = pipe.dataset
+    extra = (" (+ the foreground components"
+             + (" and their split pieces" if ds.split_components else "") + ")"
+             if ds.component_candidates else "")
     print(f"{title}: {n} held-out {side}×{side} scenes (seed {seed}), "
           f"{torch.get_num_threads()} threads, {pipe.refine_steps} refinement steps, "
-          f"{pipe.dataset.rerank} SSD candidates re-ranked"
-          f"{' (+ the foreground components' if pipe.dataset.component_candidates else ''}"
-          f"{' and their split pieces' if pipe.dataset.component_candidates and pipe.dataset.split_components else ''}"
-          f"{')' if pipe.dataset.component_candidates else ''}; "
+          f"{ds.rerank} SSD candidates re-ranked{extra}; "
           f"matching scored end to end on the full frame\n")
     print(table, "\n")
     print(dist, "\n")

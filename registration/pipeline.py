@@ -674,8 +674,8 @@ class Pipeline:
         if len(mov):
             w, fb_ = torch.from_numpy(mov), torch.from_numpy(fix)
             if self.verifier is not None:
-                grey = getattr(getattr(self.verifier, "cfg", None), "grey", False)
-                xm, xf = self._verifier_inputs(prep, mov, fix, owner, snapped, grey)
+                xm, xf = self._verifier_inputs(prep, mov, fix, owner, snapped,
+                                               self.verifier.cfg.grey)
                 with torch.no_grad():
                     match = torch.sigmoid(self.verifier(torch.from_numpy(xm),
                                                         torch.from_numpy(xf)))

@@ -506,20 +506,12 @@ def train_verifier(args) -> dict:
     if args.classes:
         if args.dataset != "silhouettes":
             raise SystemExit("verifier --classes: only the silhouettes have kinds of object")
-        from .data import silhouettes as sil
-        from .verify import shape_samples
-        images, kinds = sil.rows("train")
-        row_masks, kinds = sil.masks(images), torch.from_numpy(kinds.astype(np.int64))
-        v_images, v_kinds = sil.rows("val")
-        v_shapes, v_rows = shape_samples(sil.masks(v_images), 1000, pipe.size,
-                                         ds.crop_margin, np.random.default_rng(args.seed + 1))
-        v_shapes, v_kinds = torch.from_numpy(v_shapes).float().unsqueeze(1), v_kinds[v_rows]
+        from .verify import labelled_scene_masks
         mov = cand = lab = None
         seg_x = seg_y = None
         if grey:
             # objects cut from scenes, segmented by the pipeline and from the true masks, half
             # each: the grey detail only exists in rendered scenes
-            from .verify import labelled_scene_masks
             print(f"cutting the moving and target objects of {args.pool} training scenes, "
                   f"segmented and true …", flush=True)
             src = scene_source(args.dataset, "train", args.seed, args)
@@ -532,12 +524,22 @@ def train_verifier(args) -> dict:
                       for g in (False, True)]
             v_shapes = torch.from_numpy(np.concatenate([x for x, _ in vparts]))
             v_kinds = np.concatenate([y for _, y in vparts])
-        elif args.scene_masks:
-            from .verify import labelled_scene_masks
-            print(f"segmenting {args.scene_masks} training scenes …", flush=True)
-            x, y = labelled_scene_masks(
-                pipe, scene_source(args.dataset, "train", args.seed, args).batch(args.scene_masks))
-            seg_x, seg_y = torch.from_numpy(x).float().unsqueeze(1), torch.from_numpy(y)
+        else:                          # the labelled rows, drawn as the pipeline sees them
+            from .data import silhouettes as sil
+            from .verify import shape_samples
+            images, kinds = sil.rows("train")
+            row_masks, kinds = sil.masks(images), torch.from_numpy(kinds.astype(np.int64))
+            v_images, v_kinds = sil.rows("val")
+            v_shapes, v_rows = shape_samples(sil.masks(v_images), 1000, pipe.size,
+                                             ds.crop_margin,
+                                             np.random.default_rng(args.seed + 1))
+            v_shapes = torch.from_numpy(v_shapes).float().unsqueeze(1)
+            v_kinds = v_kinds[v_rows]
+            if args.scene_masks:
+                print(f"segmenting {args.scene_masks} training scenes …", flush=True)
+                x, y = labelled_scene_masks(pipe, scene_source(args.dataset, "train", args.seed,
+                                                               args).batch(args.scene_masks))
+                seg_x, seg_y = torch.from_numpy(x).float().unsqueeze(1), torch.from_numpy(y)
     else:
         print(f"collecting candidates from {args.pool} training scenes …", flush=True)
         mov, cand, lab, _ = candidate_samples(

@@ -48,7 +48,7 @@ class Verifier(nn.Module):
             raise ValueError("grey: only a kind-classifying verifier (classes > 0) sees grey detail")
         bn = cfg.arch == "bn"
         layers: list[nn.Module] = []
-        c_in = self.channels_in = 2 if (cfg.grey or not cfg.classes) else 1
+        c_in = 2 if (cfg.grey or not cfg.classes) else 1
         for c in cfg.channels:
             for a, b in ((c_in, c), (c, c)):
                 layers += [nn.Conv2d(a, b, 3, padding=1, bias=not bn)]

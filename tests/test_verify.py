@@ -31,6 +31,8 @@ def test_verifier_loss_balances_the_classes():
 class AreaVerifier(torch.nn.Module):
     """Scores a candidate by its object's area: the re-ranking must pick the largest."""
 
+    cfg = VerifierConfig()                  # a mask verifier: one channel per object
+
     def forward(self, moving, candidate):
         return candidate.sum((1, 2, 3)) / 100 - 5
 

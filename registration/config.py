@@ -115,10 +115,19 @@ class DatasetConfig:
     # … and the pieces of each component that an erosion splits in two or more (animals that
     # touch are one component; registration.segment.split_touching)
     split_components: bool = False
+    # with a verifier, add this × the Dice of the two object-centric masks as they are (the
+    # shapes agree) to each candidate's value
+    shape_weight: float = 0.0
+    # with component candidates: where the choice is an SSD box, take instead a whole object
+    # (component or piece) that is the same object (registration.pipeline.SAME_OBJECT_IOU) and
+    # values at most registration.pipeline.WHOLE_OBJECT_MARGIN less
+    prefer_whole: bool = False
     # re-rank the SSD's candidates with a learned scorer of the pair's geometry
     # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
     ranker: bool = False
     min_object_px: int = 4
+    # test-time refinement steps for Pipeline.from_pretrained (None: its default)
+    refine_steps: int | None = None
     snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this
 
 

@@ -180,7 +180,8 @@ def _score(rec: dict, prefix: str, r, s, detection: bool) -> None:
 def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool = True,
                       refine_steps: int | None = None, real: bool = False,
                       rerank: int | None = None, components: bool = True,
-                      verifier: str | None = None, split: bool = True) -> dict:
+                      verifier: str | None = None, split: bool = True,
+                      plain_choice: bool = False) -> dict:
     """End to end on n held-out scenes: detection, matching pasted back into the full frame
     (against the target's true mask), without localization, ms per stage. Data sets with
     learned masks are also run with the true masks (the paper's setting): the moving object's
@@ -202,6 +203,9 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     unsplit = pipe.dataset.component_candidates and pipe.dataset.split_components and not split
     if unsplit:
         pipe.dataset = dataclasses.replace(pipe.dataset, split_components=False)
+    plain = plain_choice and (pipe.dataset.shape_weight or pipe.dataset.prefer_whole)
+    if plain:
+        pipe.dataset = dataclasses.replace(pipe.dataset, shape_weight=0.0, prefer_whole=False)
     gt = pipe.dataset.segmenter == "learned"
     test = test_scenes(dataset, n, seed, real)
     n = len(test)
@@ -301,6 +305,8 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                "refine_steps": pipe.refine_steps, "rerank": pipe.dataset.rerank,
                "component_candidates": pipe.dataset.component_candidates,
                "split_components": pipe.dataset.split_components,
+               "shape_weight": pipe.dataset.shape_weight,
+               "prefer_whole": pipe.dataset.prefer_whole,
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"
@@ -308,6 +314,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
            + (f"_rerank{pipe.dataset.rerank}" if pipe.dataset.rerank > 1 else "")
            + ("_nocomponents" if dropped else "")
            + ("_nosplit" if unsplit else "")
+           + ("_plainchoice" if plain else "")
            + (f"_{Path(verifier).name}" if verifier is not None else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
@@ -508,6 +515,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="pipeline: do not add the pieces of touching objects' components as "
                         "candidates (silhouettes)")
+    p.add_argument("--plain-choice", action="store_true",
+                   help="pipeline: choose among the candidates by the verifier (and the SSD "
+                        "score) alone: no shape term, no preference for whole objects "
+                        "(silhouettes)")
     p.add_argument("--verifier", default=None,
                    help="pipeline: re-rank with this verifier checkpoint folder instead of the "
                         "data set's (e.g. checkpoints/silhouettes/verifier-plain), or 'none' "
@@ -531,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
                           args.refine_steps, args.real, args.rerank, args.components,
-                          args.verifier, args.split)
+                          args.verifier, args.split, args.plain_choice)
 
 
 if __name__ == "__main__":

@@ -308,9 +308,86 @@ def test_evaluate_cli_turns_the_split_pieces_off_and_says_so(tmp_path):
     from registration import evaluate
     evaluate.main(["pipeline", "--dataset", "silhouettes", "-n", "2", "--no-figure",
                    "--threads", "1", "--no-split", "--out", str(tmp_path)])
-    out = json.loads((tmp_path / "silhouettes_pipeline_refine5_rerank5_nosplit.json").read_text())
+    out = json.loads((tmp_path / "silhouettes_pipeline_refine40_rerank5_nosplit.json").read_text())
     assert out["component_candidates"] and not out["split_components"]
     evaluate.main(["pipeline", "--dataset", "silhouettes", "-n", "2", "--no-figure",
                    "--threads", "1", "--out", str(tmp_path)])
-    out = json.loads((tmp_path / "silhouettes_pipeline_refine5_rerank5.json").read_text())
+    out = json.loads((tmp_path / "silhouettes_pipeline_refine40_rerank5.json").read_text())
     assert out["split_components"]
+
+
+# -- the choice: shape agreement, and a whole object over an SSD box's cut of it --------------
+class ConstVerifier(torch.nn.Module):
+    """Rates every candidate alike (logit 0): the shape term, the SSD score and the
+    preference for whole objects decide."""
+
+    cfg = VerifierConfig()
+
+    def forward(self, moving, candidate):
+        return torch.zeros(len(moving))
+
+
+def _cut_scene():
+    """A 40 × 60 px object, a small one elsewhere, and a square moving object (true masks)."""
+    pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0, freeze=False)
+    pipe.verifier = ConstVerifier()
+    fixed = np.zeros((128, 128), bool)
+    fixed[40:80, 20:80] = True
+    fixed[100:115, 100:115] = True
+    img = (fixed * 200 + 20).astype(np.uint8)
+    moving = np.zeros((64, 64), np.uint8)
+    moving[12:52, 12:52] = 220
+    prep = pipe._prepare([(moving, img)], [moving > 0], [fixed])
+    _, _, lb = pipe._ssd_inputs(prep)
+    return pipe, prep, lb
+
+
+def test_choice_adds_the_shape_term_and_prefers_the_whole_object_within_the_margin():
+    from registration.pipeline import WHOLE_OBJECT_MARGIN
+    pipe, prep, lb = _cut_scene()
+    # an SSD box whose cut of the object (clipped to the box grown by snap_clip) is the
+    # object's left 40 × 40 px, square like the moving object
+    cut = torch.tensor([[20.0, 40.0, 56.0, 76.0]]) * lb[0]
+    whole = torch.tensor([20.0, 40.0, 80.0, 80.0])
+    cands = pipe._with_components(prep, [(cut, torch.tensor([0.0]))], lb)
+    mov, fix, _, _, _, snapped, ranks = pipe._candidate_crops(prep, cands, lb)
+    assert ranks.tolist() == [0, 1, 2]                  # the cut, the object, the small one
+    dice = (2 * (mov & fix).sum((1, 2)) / (mov.sum((1, 2)) + fix.sum((1, 2)))).astype(float)
+    assert dice[0] > dice[1]                            # the cut is as square as the query
+    gap = pipe.dataset.shape_weight * (dice[0] - dice[1])
+    for ssd_score, prefer, want in [
+            (0.0, False, "ssd"),                        # the shape term alone: the cut
+            (0.0, True, "component"),                   # the same object, whole, within the margin
+            ((WHOLE_OBJECT_MARGIN - gap) / RERANK_SCORE_WEIGHT + 0.05, True, "ssd")]:  # beyond
+        pipe.dataset = dataclasses.replace(pipe.dataset, prefer_whole=prefer)
+        chosen, _, source = pipe._rerank(prep, [(cut, torch.tensor([ssd_score]))], lb)
+        assert source == [want], (ssd_score, prefer)
+        if want == "component":
+            assert torch.allclose(chosen[0] / lb[0], whole)
+    # without the shape term the two tie at the verifier's 0.5, and the SSD score decides
+    pipe.dataset = dataclasses.replace(pipe.dataset, shape_weight=0.0, prefer_whole=False)
+    _, _, source = pipe._rerank(prep, [(cut, torch.tensor([0.01]))], lb)
+    assert source == ["ssd"]
+    _, _, source = pipe._rerank(prep, [(torch.tensor([[0.0, 0.0, 4.0, 4.0]]) * lb[0],
+                                        torch.tensor([0.0]))], lb)
+    assert source == ["component"]                      # an empty box: a component wins
+
+
+def test_evaluate_cli_plain_choice_turns_the_shape_term_and_whole_objects_off(tmp_path):
+    from registration import evaluate
+    evaluate.main(["pipeline", "--dataset", "silhouettes", "-n", "2", "--no-figure",
+                   "--threads", "1", "--refine-steps", "5", "--plain-choice",
+                   "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "silhouettes_pipeline_refine5_rerank5_plainchoice.json")
+                     .read_text())
+    assert out["shape_weight"] == 0.0 and out["prefer_whole"] is False
+    assert out["refine_steps"] == 5
+    assert DATASETS["silhouettes"].shape_weight > 0 and DATASETS["silhouettes"].prefer_whole
+
+
+def test_from_pretrained_takes_the_data_sets_refinement_steps():
+    assert Pipeline.from_pretrained("silhouettes").refine_steps == DATASETS["silhouettes"].refine_steps == 40
+    from registration.pipeline import DEFAULT_REFINE_STEPS
+    assert DATASETS["mnist"].refine_steps is None
+    assert Pipeline.from_pretrained("mnist").refine_steps == DEFAULT_REFINE_STEPS
+    assert Pipeline.from_pretrained("silhouettes", refine_steps=3).refine_steps == 3

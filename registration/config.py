@@ -122,6 +122,10 @@ class DatasetConfig:
     # (component or piece) that is the same object (registration.pipeline.SAME_OBJECT_IOU) and
     # values at most registration.pipeline.WHOLE_OBJECT_MARGIN less
     prefer_whole: bool = False
+    # with a kind-classifying verifier, where the fixed mask is segmented (not given): choose
+    # among the candidates with a learned scorer (checkpoints/<name>/chooser,
+    # registration.choose) instead of the hand-set choice above
+    chooser: bool = False
     # re-rank the SSD's candidates with a learned scorer of the pair's geometry
     # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
     ranker: bool = False

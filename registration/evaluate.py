@@ -181,7 +181,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                       refine_steps: int | None = None, real: bool = False,
                       rerank: int | None = None, components: bool = True,
                       verifier: str | None = None, split: bool = True,
-                      plain_choice: bool = False) -> dict:
+                      plain_choice: bool = False, chooser: bool = True) -> dict:
     """End to end on n held-out scenes: detection, matching pasted back into the full frame
     (against the target's true mask), without localization, ms per stage. Data sets with
     learned masks are also run with the true masks (the paper's setting): the moving object's
@@ -197,15 +197,21 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
         pipe.dataset = dataclasses.replace(pipe.dataset, rerank=rerank)
     if verifier is not None:           # "none": re-rank by mask overlap
         pipe.verifier = None if verifier == "none" else checkpoint.load_folder(verifier)
+        pipe.chooser = None            # its features are the shipped verifier's
     dropped = pipe.dataset.component_candidates and not components
     if dropped:
         pipe.dataset = dataclasses.replace(pipe.dataset, component_candidates=False)
     unsplit = pipe.dataset.component_candidates and pipe.dataset.split_components and not split
     if unsplit:
         pipe.dataset = dataclasses.replace(pipe.dataset, split_components=False)
-    plain = plain_choice and (pipe.dataset.shape_weight or pipe.dataset.prefer_whole)
+    plain = plain_choice and (pipe.dataset.shape_weight or pipe.dataset.prefer_whole
+                              or pipe.chooser is not None)
     if plain:
         pipe.dataset = dataclasses.replace(pipe.dataset, shape_weight=0.0, prefer_whole=False)
+        pipe.chooser = None
+    unchosen = pipe.chooser is not None and not chooser
+    if unchosen:
+        pipe.chooser = None
     gt = pipe.dataset.segmenter == "learned"
     test = test_scenes(dataset, n, seed, real)
     n = len(test)
@@ -307,6 +313,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                "split_components": pipe.dataset.split_components,
                "shape_weight": pipe.dataset.shape_weight,
                "prefer_whole": pipe.dataset.prefer_whole,
+               "chooser": pipe.chooser is not None,
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"
@@ -315,6 +322,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
            + ("_nocomponents" if dropped else "")
            + ("_nosplit" if unsplit else "")
            + ("_plainchoice" if plain else "")
+           + ("_nochooser" if unchosen else "")
            + (f"_{Path(verifier).name}" if verifier is not None else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
@@ -517,8 +525,11 @@ def main(argv: list[str] | None = None) -> None:
                         "candidates (silhouettes)")
     p.add_argument("--plain-choice", action="store_true",
                    help="pipeline: choose among the candidates by the verifier (and the SSD "
-                        "score) alone: no shape term, no preference for whole objects "
-                        "(silhouettes)")
+                        "score) alone: no shape term, no preference for whole objects, no "
+                        "learned chooser (silhouettes)")
+    p.add_argument("--no-chooser", dest="chooser", action="store_false",
+                   help="pipeline: with segmented masks, choose by the hand-set rule, not the "
+                        "learned chooser (silhouettes)")
     p.add_argument("--verifier", default=None,
                    help="pipeline: re-rank with this verifier checkpoint folder instead of the "
                         "data set's (e.g. checkpoints/silhouettes/verifier-plain), or 'none' "
@@ -542,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
                           args.refine_steps, args.real, args.rerank, args.components,
-                          args.verifier, args.split, args.plain_choice)
+                          args.verifier, args.split, args.plain_choice, args.chooser)
 
 
 if __name__ == "__main__":

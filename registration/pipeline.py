@@ -21,6 +21,7 @@ from . import checkpoint, frozen, segment, tps
 from . import ranker as ranker_mod
 from .config import DatasetConfig
 from .coords import norm_to_pixel
+from .choose import choice_features
 from .verify import mask_overlap, object_detail
 
 DATASETS: dict[str, DatasetConfig] = {
@@ -41,7 +42,7 @@ DATASETS: dict[str, DatasetConfig] = {
                                  crop_margin=1.3, threshold=None, min_object_px=8, rerank=5,
                                  verifier=True, component_candidates=True,
                                  split_components=True, shape_weight=0.2, prefer_whole=True,
-                                 refine_steps=40),
+                                 chooser=True, refine_steps=40),
     # CT (fixed) and simulated ultrasound (moving): the tumour is segmented by a U-Net. The
     # SSD's top 4 boxes re-ranked by the geometry ranker (registration.ranker: target first in
     # 88.6 % of 300 validation pairs vs 77.2 % for the SSD's own order; re-ranking by mask
@@ -299,7 +300,7 @@ class Pipeline:
 
     def __init__(self, matcher, localizer=None, matcher_full=None,
                  dataset: DatasetConfig | None = None, refine_steps: int = 0, segmenter=None,
-                 verifier=None, freeze: bool = True, ranker=None):
+                 verifier=None, freeze: bool = True, ranker=None, chooser=None):
         # inference copies: channels-last layout (convolutions ~1.4× faster on CPU here),
         # BatchNorms folded, forward passes frozen (registration.frozen; freeze=False: later,
         # by freeze(), e.g. in a background thread so that an app starts ~2 s sooner)
@@ -317,6 +318,9 @@ class Pipeline:
         self.verifier = verifier.eval() if verifier is not None else None
         # … or by a scorer of the pair's geometry (registration.ranker; US–CT), which wins
         self.ranker = ranker.eval() if ranker is not None else None
+        # … and with a verifier, where the fixed mask is segmented, the choice among the
+        # verifier's candidates by a learned scorer (registration.choose; silhouettes)
+        self.chooser = chooser.eval() if chooser is not None else None
         # test-time refinement: Adam steps on each pair's TPS parameters after the network's
         # one-shot prediction (0 = the network alone, fastest)
         self.refine_steps = int(refine_steps)
@@ -351,11 +355,13 @@ class Pipeline:
         ver = checkpoint.try_load(name, "verifier") if ds.verifier else None
         # without its ranker, the SSD's top box (with a warning)
         rk = checkpoint.try_load(name, "ranker") if ds.ranker else None
+        # without its chooser, the hand-set choice (with a warning)
+        ch = checkpoint.try_load(name, "chooser") if ds.chooser and ver is not None else None
         if ds.ranker and rk is None:
             ds = dataclasses.replace(ds, rerank=0)
         return cls(checkpoint.load(name, "matcher"), checkpoint.try_load(name, "localizer"),
                    checkpoint.try_load(name, "matcher-full"), ds, refine_steps, seg, ver,
-                   freeze=freeze, ranker=rk)
+                   freeze=freeze, ranker=rk, chooser=ch)
 
     # -- segmentation ----------------------------------------------------------------------
 
@@ -541,10 +547,12 @@ class Pipeline:
         """For every SSD candidate (after NMS) of every pair: (pair index, its rank, the
         object segmented in it (H, W) bool in the working frame, its snapped box); candidates
         where nothing is segmented are left out. Each pair's objects are also kept by rank in
-        ``prep[i]["candidate_objects"]``, so the chosen one need not be segmented again."""
+        ``prep[i]["candidate_objects"]``, so the chosen one need not be segmented again, and
+        the share of each SSD candidate's object that its box cut off in
+        ``prep[i]["candidate_cut"]`` (0 for whole objects)."""
         out = []
         for i, (p, (bx, _)) in enumerate(zip(prep, cands)):
-            p["candidate_objects"] = {}
+            p["candidate_objects"], p["candidate_cut"] = {}, {}
             given = p.get("given_objects", {})    # pieces of split components, as they are
             frame = [b.numpy().astype(np.float64) / lb[i] for b in bx]
             if p["uf"] is not None:
@@ -555,12 +563,21 @@ class Pipeline:
                                                         [frame[j] for j in todo])))
                 masks = [seg.get(j) for j in range(len(frame))]
             for j, (box, m) in enumerate(zip(frame, masks)):
-                obj = given[j] if j in given else segment.select_best_fit(
-                    m, box, min_px=self.dataset.min_object_px, clip=self.dataset.snap_clip)
+                cut = 0.0
+                if j in given:
+                    obj = given[j]
+                else:
+                    obj = segment.select_best_fit(m, box, min_px=self.dataset.min_object_px,
+                                                  clip=None)
+                    if self.dataset.snap_clip is not None:
+                        n_px = obj.sum()
+                        obj = segment.clip_to_box(obj, box, self.dataset.snap_clip)
+                        cut = 1.0 - obj.sum() / max(n_px, 1)
                 fb = mask_box(obj)
                 if fb is not None:
                     out.append((i, j, obj, fb))
                     p["candidate_objects"][j] = obj
+                    p["candidate_cut"][j] = float(cut)
         return out
 
     def _candidate_crops(self, prep: list[dict], cands, lb):
@@ -680,31 +697,55 @@ class Pipeline:
                     if float(v[k]) > best[i][2]:
                         best[i] = (cands[i][0][j], cands[i][1][j], float(v[k]), j)
             return self._chosen(prep, best, n_ssd)
-        if self.dataset.component_candidates:
-            cands = self._with_components(prep, cands, lb)
-        mov, fix, owner, boxes, scores, snapped, ranks = self._candidate_crops(prep, cands, lb)
-        if len(mov):
-            w, fb_ = torch.from_numpy(mov), torch.from_numpy(fix)
-            if self.verifier is not None:
-                xm, xf = self._verifier_inputs(prep, mov, fix, owner, snapped,
-                                               self.verifier.cfg.grey)
-                with torch.no_grad():
-                    match = torch.sigmoid(self.verifier(torch.from_numpy(xm),
-                                                        torch.from_numpy(xf)))
-                if self.dataset.shape_weight:
-                    match = match + self.dataset.shape_weight * mask_overlap(w, fb_)
-            else:
-                # overlap of the two object-centric masks as they are: warping first (one
-                # matcher pass) made every animal fit every other and chose worse (box Dice
-                # 0.52 vs 0.59 on 60 validation scenes with true masks)
-                match = mask_overlap(w, fb_)
-            v = match + RERANK_SCORE_WEIGHT * scores.float()
+        c = self._candidate_values(prep, cands, lb)
+        if c is not None:
+            owner, ranks, boxes, scores, v = c["owner"], c["ranks"], c["boxes"], c["scores"], c["v"]
             for k, i in enumerate(owner.tolist()):
                 if float(v[k]) > best[i][2]:
                     best[i] = (boxes[k], scores[k], float(v[k]), int(ranks[k]))
             if self.dataset.component_candidates and self.dataset.prefer_whole:
                 best = self._prefer_whole(prep, best, n_ssd, v, owner, ranks, boxes, scores)
+            if self.chooser is not None and c["kinds_moving"] is not None:
+                best = self._choose(prep, best, n_ssd, c)
         return self._chosen(prep, best, n_ssd)
+
+    def _candidate_values(self, prep: list[dict], cands, lb) -> dict | None:
+        """Every candidate of every pair (the SSD's, plus with ``component_candidates`` the
+        foreground's components and pieces) with the hand-set choice's value: a dict of
+        _candidate_crops' owner (N,), boxes (N, 4), scores (N,), snapped (N tuples) and ranks
+        (N,); "dice" (N,) of the two object-centric masks; with a kind-classifying verifier
+        "kinds_moving" and "kinds" (N, K) (else None); and "v" (N,): the verifier's same-kind
+        probability (+ shape_weight × dice), or without a verifier the dice, + RERANK_SCORE_WEIGHT
+        × the SSD score. None if no candidate holds an object."""
+        if self.dataset.component_candidates:
+            cands = self._with_components(prep, cands, lb)
+        mov, fix, owner, boxes, scores, snapped, ranks = self._candidate_crops(prep, cands, lb)
+        if not len(mov):
+            return None
+        dice = mask_overlap(torch.from_numpy(mov), torch.from_numpy(fix))
+        km = kc = None
+        if self.verifier is not None:
+            xm, xf = self._verifier_inputs(prep, mov, fix, owner, snapped,
+                                           self.verifier.cfg.grey)
+            with torch.no_grad():
+                if self.verifier.cfg.classes:      # as Verifier.forward, keeping the kinds
+                    km = self.verifier.kinds(torch.from_numpy(xm))
+                    kc = self.verifier.kinds(torch.from_numpy(xf))
+                    match = (km * kc).sum(1).clamp(1e-6, 1 - 1e-6)
+                else:
+                    match = torch.sigmoid(self.verifier(torch.from_numpy(xm),
+                                                        torch.from_numpy(xf)))
+            if self.dataset.shape_weight:
+                match = match + self.dataset.shape_weight * dice
+        else:
+            # overlap of the two object-centric masks as they are: warping first (one
+            # matcher pass) made every animal fit every other and chose worse (box Dice
+            # 0.52 vs 0.59 on 60 validation scenes with true masks)
+            match = dice
+        return {"owner": owner, "boxes": boxes, "scores": scores, "snapped": snapped,
+                "ranks": ranks, "dice": dice.numpy(), "v": match + RERANK_SCORE_WEIGHT * scores.float(),
+                "kinds_moving": None if km is None else km.numpy(),
+                "kinds": None if kc is None else kc.numpy()}
 
     @staticmethod
     def _prefer_whole(prep, best, n_ssd, v, owner, ranks, boxes, scores) -> list[tuple]:
@@ -723,6 +764,35 @@ class Pipeline:
             if b[3] < n_ssd[i] or float(v[k]) > b[2]:
                 out[i] = (boxes[k], scores[k], float(v[k]), r)
         return out
+
+    def _choose(self, prep: list[dict], best: list[tuple], n_ssd: list[int], c: dict
+                ) -> list[tuple]:
+        """For pairs whose fixed mask was segmented (not given): the candidate that the
+        chooser (registration.choose) scores highest among _candidate_values' ``c``."""
+        out = list(best)
+        for i, p in enumerate(prep):
+            rows = np.flatnonzero(c["owner"] == i)
+            if p["uf"] is not None or not len(rows):
+                continue
+            x = self._choice_features(p, i, rows, n_ssd[i], c)
+            with torch.no_grad():
+                k = rows[int(torch.argmax(self.chooser(torch.from_numpy(x))))]
+            out[i] = (c["boxes"][k], c["scores"][k], float(c["v"][k]), int(c["ranks"][k]))
+        return out
+
+    @staticmethod
+    def _choice_features(p: dict, i: int, rows: np.ndarray, n_ssd: int, c: dict) -> np.ndarray:
+        """choose.choice_features of pair i's candidates ``rows`` (indices into
+        _candidate_values' ``c``); ``p``: the pair's prepared record, ``n_ssd``: its number
+        of SSD candidates."""
+        r = c["ranks"][rows]
+        given = p.get("given_objects", {})
+        return choice_features(
+            c["kinds_moving"][rows[0]], c["kinds"][rows], c["dice"][rows],
+            c["scores"][rows].numpy(), r >= n_ssd, np.array([int(j) in given for j in r]),
+            np.array([p["candidate_cut"][int(j)] for j in r]),
+            [p["candidate_objects"][int(j)] for j in r], mask_box(p["m_mask"]),
+            [c["snapped"][k] for k in rows], c["v"][rows].numpy(), p["uf"] is not None)
 
     @staticmethod
     def _chosen(prep: list[dict], best: list[tuple], n_ssd: list[int]):

@@ -80,14 +80,20 @@ def select_best_fit(mask: np.ndarray, box, min_px: int = 4, clip: float | None =
             keep.append(i)
             cur, best = nb, v
     out = keep_labels(labels, n, np.array(keep) + 1)
-    if clip is not None:
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        cx0, cy0 = int(max(0, np.floor(box[0] - clip * bw))), int(max(0, np.floor(box[1] - clip * bh)))
-        cx1, cy1 = int(max(0, np.ceil(box[2] + clip * bw))), int(max(0, np.ceil(box[3] + clip * bh)))
-        out[:cy0] = False
-        out[cy1:] = False
-        out[:, :cx0] = False
-        out[:, cx1:] = False
+    return out if clip is None else clip_to_box(out, box, clip)
+
+
+def clip_to_box(mask: np.ndarray, box, grow: float) -> np.ndarray:
+    """(H, W) bool mask cut to the xyxy ``box`` grown by ``grow`` of its width and height on
+    each side (a new array)."""
+    out = mask.copy()
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    cx0, cy0 = int(max(0, np.floor(box[0] - grow * bw))), int(max(0, np.floor(box[1] - grow * bh)))
+    cx1, cy1 = int(max(0, np.ceil(box[2] + grow * bw))), int(max(0, np.ceil(box[3] + grow * bh)))
+    out[:cy0] = False
+    out[cy1:] = False
+    out[:, :cx0] = False
+    out[:, cx1:] = False
     return out
 
 

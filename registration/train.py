@@ -679,11 +679,74 @@ def train_ranker(args) -> dict:
                         "train_candidates": int(len(y)), "val_pairs": args.val_pairs}}
 
 
+# chooser (chooses among the silhouettes verifier's candidates where masks are segmented)
+
+CHOOSER_SEED = 100     # its scenes: validation-part scenes from this seed on (see train_chooser)
+
+
+def train_chooser(args) -> dict:
+    """Features of every candidate (registration.choose) in ``--pool`` validation-part scenes
+    (seeds CHOOSER_SEED + ``--seed`` …; the verifier was trained on training-part scenes and
+    is over-sure on them), half with the true masks given and half segmented, a listwise
+    softmax loss per scene, Adam in mini-batches of scenes; validation: on ``--val-pairs``
+    validation scenes (seed 11, masks segmented) the share of scenes with the target among
+    their candidates whose best-scored candidate is the target, against the hand-set choice."""
+    from .choose import N_FEATURES, choice_table
+    from .config import RankerConfig
+    from .metrics import group_top1
+    from .pipeline import Pipeline
+    from .ranker import Ranker, group_table, listwise_loss
+    pipe = Pipeline.from_pretrained(args.dataset, refine_steps=0, freeze=False)
+    if pipe.verifier is None or not pipe.verifier.cfg.classes:
+        raise SystemExit("chooser: needs the data set's kind-classifying verifier")
+    pipe.chooser = None
+    cfg = RankerConfig(features=N_FEATURES, hidden=(16,), kind="ranker")
+    t0 = time.time()
+    print(f"measuring the candidates of {args.pool} scenes (half with true masks) and "
+          f"{args.val_pairs} validation scenes …", flush=True)
+    half = args.pool // 2
+    parts = [choice_table(pipe, scene_source(args.dataset, "val", CHOOSER_SEED + args.seed + k,
+                                             args).batch(n), given_masks=k == 0)
+             for k, n in enumerate((half, args.pool - half))]
+    x = np.concatenate([q[0] for q in parts])
+    y = np.concatenate([q[1] for q in parts])
+    g = np.concatenate([q[2] + k * args.pool for k, q in enumerate(parts)])
+    r = np.concatenate([q[3] for q in parts])
+    vx, vy, vg, _ = choice_table(pipe, scene_source(args.dataset, "val", 11, args)
+                                 .batch(args.val_pairs), given_masks=False)
+    collect_s = time.time() - t0
+    table, target = group_table(g, r, y, int(r.max()) + 1 if len(r) else 1)
+    print(f"{len(y)} candidates, {len(table)} scenes with the target among them, "
+          f"{collect_s / 60:.1f} min", flush=True)
+    torch.manual_seed(args.seed)
+    model = Ranker(cfg)
+    X, T, Y = torch.from_numpy(x), torch.from_numpy(table), torch.from_numpy(target)
+    model.set_scale(X)
+    rng = np.random.default_rng(args.seed)
+
+    def batch_loss():
+        idx = torch.from_numpy(rng.choice(len(T), min(args.batch, len(T)), replace=False))
+        return listwise_loss(model(X), T[idx], Y[idx]), {}
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        out = {"val_top1": round(group_top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
+               "val_top1_hand_set": round(group_top1(vx[:, 15], vy, vg), 4)}
+        model.train()
+        return out
+
+    metrics = fit(model, batch_loss, validate, args, "train chooser", 1e-3)
+    return {"model": model, "cfg": cfg,
+            "metrics": {**metrics, "collect_s": round(collect_s, 1), "train_scenes": args.pool,
+                        "train_candidates": int(len(y)), "val_scenes": args.val_pairs}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m registration.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["matcher", "matcher-full", "localizer", "segmenter",
-                                      "verifier", "ranker"])
+                                      "verifier", "ranker", "chooser"])
     p.add_argument("--dataset", default="mnist", choices=["mnist", "silhouettes", "usct"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None,
@@ -768,7 +831,8 @@ def main(argv: list[str] | None = None) -> None:
                 "localizer": (100000, 32, 2e-3, 25),
                 "segmenter": (100000, 48, 2e-3, 15),
                 "verifier": (100000, 256, 1e-3, 6),
-                "ranker": (3000, 256, 3e-3, None)}[args.model]
+                "ranker": (3000, 256, 3e-3, None),
+                "chooser": (3000, 256, 3e-3, None)}[args.model]
     if args.minutes is None and args.steps is None:
         args.minutes = defaults[3]
     args.steps = args.steps or defaults[0]
@@ -799,6 +863,11 @@ def main(argv: list[str] | None = None) -> None:
             p.error("ranker: its features are the US–CT geometry (probe on the skin, a fan); "
                     "use --dataset usct")
         out = train_ranker(args)
+    elif args.model == "chooser":
+        if args.dataset != "silhouettes":
+            p.error("chooser: it chooses among the silhouettes verifier's candidates; use "
+                    "--dataset silhouettes")
+        out = train_chooser(args)
     else:
         out = train_matcher(args, full=args.model == "matcher-full")
     metrics = out["metrics"]

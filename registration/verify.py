@@ -85,13 +85,18 @@ class Verifier(nn.Module):
         self._check("moving", moving)
         self._check("candidate", candidate)
         if self.cfg.classes:
-            both = torch.cat([moving, candidate])
-            p = torch.softmax(self.classify(both), 1)
-            if self.cfg.arch == "bn":        # a kind does not depend on the facing
-                p = (p + torch.softmax(self.classify(both.flip(-1)), 1)) / 2
+            p = self.kinds(torch.cat([moving, candidate]))
             same = (p[:len(moving)] * p[len(moving):]).sum(1).clamp(1e-6, 1 - 1e-6)
             return torch.log(same) - torch.log1p(-same)
         return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
+
+    def kinds(self, masks: torch.Tensor) -> torch.Tensor:
+        """Inputs as :meth:`classify` → (B, n) kind probabilities; with ``arch = "bn"``
+        averaged with the mirror image's (a kind does not depend on the facing)."""
+        p = torch.softmax(self.classify(masks), 1)
+        if self.cfg.arch == "bn":
+            p = (p + torch.softmax(self.classify(masks.flip(-1)), 1)) / 2
+        return p
 
 
 DETAIL_CLIP = 4.0     # object_detail's bound, in standard deviations

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 N_FEATURES = 18
+HAND_SET_FEATURE = 15       # the column of choice_features that is the hand-set value
 SAME_OBJECT_IOU = 0.5       # candidates whose objects overlap this much are one object
 POSITIVE_IOU = 0.82         # training: the best candidate is the target if its box IoU ≥ this
 

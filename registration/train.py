@@ -624,6 +624,37 @@ def train_verifier(args) -> dict:
 
 # ranker (re-ranks the US–CT SSD's candidates by the pair's geometry)
 
+def fit_listwise(cfg, x: np.ndarray, table: np.ndarray, target: np.ndarray, val: tuple,
+                 baselines: dict, args, desc: str):
+    """A registration.ranker.Ranker on candidate features x (N, F), trained with a listwise
+    softmax loss over the groups ``table`` (G, k) with positives ``target`` (G,)
+    (ranker.group_table), Adam in mini-batches of ``args.batch`` groups. Validation:
+    "val_top1" on ``val`` = (features, labels, groups), beside the fixed ``baselines``.
+    Returns the model and fit's metrics."""
+    from .metrics import group_top1
+    from .ranker import Ranker, listwise_loss
+    torch.manual_seed(args.seed)
+    model = Ranker(cfg)
+    X, T, Y = torch.from_numpy(x), torch.from_numpy(table), torch.from_numpy(target)
+    model.set_scale(X)
+    rng = np.random.default_rng(args.seed)
+    vx, vy, vg = val
+
+    def batch_loss():
+        idx = torch.from_numpy(rng.choice(len(T), min(args.batch, len(T)), replace=False))
+        return listwise_loss(model(X), T[idx], Y[idx]), {}
+
+    @torch.no_grad()
+    def validate():
+        model.eval()
+        out = {"val_top1": round(group_top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
+               **baselines}
+        model.train()
+        return out
+
+    return model, fit(model, batch_loss, validate, args, desc, 1e-3)
+
+
 def train_ranker(args) -> dict:
     """Features of the SSD's top ``--rerank-k`` candidates in ``--pool`` cached training pairs
     (registration.ranker), a listwise softmax loss per pair, Adam in mini-batches of pairs;
@@ -633,7 +664,7 @@ def train_ranker(args) -> dict:
     from .data.usct import cached_pairs
     from .pipeline import DATASETS, Pipeline
     from .metrics import group_top1
-    from .ranker import Ranker, candidate_table, group_table, listwise_loss
+    from .ranker import candidate_table, group_table
     ds = DATASETS[args.dataset]
     pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
                     checkpoint.load(args.dataset, "localizer"), dataset=ds,
@@ -652,27 +683,11 @@ def train_ranker(args) -> dict:
     table, target = group_table(g, r, y, cfg.top_k)
     print(f"{len(y)} training candidates, {len(table)} pairs with the target among them, "
           f"{collect_s / 60:.1f} min", flush=True)
-    torch.manual_seed(args.seed)
-    model = Ranker(cfg)
-    X, T, Y = torch.from_numpy(x), torch.from_numpy(table), torch.from_numpy(target)
-    model.set_scale(X)
-    rng = np.random.default_rng(args.seed)
-
-    def batch_loss():
-        idx = torch.from_numpy(rng.choice(len(T), min(args.batch, len(T)), replace=False))
-        return listwise_loss(model(X), T[idx], Y[idx]), {}
-
-    @torch.no_grad()
-    def validate():
-        model.eval()
-        out = {"val_top1": round(group_top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
-               "val_top1_ssd": round(group_top1(-vr, vy, vg), 4),
-               "val_target_among": round(float(len(np.unique(vg[vy > 0.5])))
-                                         / max(len(np.unique(vg)), 1), 4)}
-        model.train()
-        return out
-
-    metrics = fit(model, batch_loss, validate, args, "train ranker", 1e-3)
+    model, metrics = fit_listwise(
+        cfg, x, table, target, (vx, vy, vg),
+        {"val_top1_ssd": round(group_top1(-vr, vy, vg), 4),
+         "val_target_among": round(float(len(np.unique(vg[vy > 0.5])))
+                                   / max(len(np.unique(vg)), 1), 4)}, args, "train ranker")
     return {"model": model, "cfg": cfg,
             "metrics": {**metrics, "collect_s": round(collect_s, 1),
                         "train_pairs": len(train_pairs),
@@ -691,11 +706,11 @@ def train_chooser(args) -> dict:
     softmax loss per scene, Adam in mini-batches of scenes; validation: on ``--val-pairs``
     validation scenes (seed 11, masks segmented) the share of scenes with the target among
     their candidates whose best-scored candidate is the target, against the hand-set choice."""
-    from .choose import N_FEATURES, choice_table
+    from .choose import HAND_SET_FEATURE, N_FEATURES, choice_table
     from .config import RankerConfig
     from .metrics import group_top1
     from .pipeline import Pipeline
-    from .ranker import Ranker, group_table, listwise_loss
+    from .ranker import group_table
     pipe = Pipeline.from_pretrained(args.dataset, refine_steps=0, freeze=False)
     if pipe.verifier is None or not pipe.verifier.cfg.classes:
         raise SystemExit("chooser: needs the data set's kind-classifying verifier")
@@ -718,25 +733,10 @@ def train_chooser(args) -> dict:
     table, target = group_table(g, r, y, int(r.max()) + 1 if len(r) else 1)
     print(f"{len(y)} candidates, {len(table)} scenes with the target among them, "
           f"{collect_s / 60:.1f} min", flush=True)
-    torch.manual_seed(args.seed)
-    model = Ranker(cfg)
-    X, T, Y = torch.from_numpy(x), torch.from_numpy(table), torch.from_numpy(target)
-    model.set_scale(X)
-    rng = np.random.default_rng(args.seed)
-
-    def batch_loss():
-        idx = torch.from_numpy(rng.choice(len(T), min(args.batch, len(T)), replace=False))
-        return listwise_loss(model(X), T[idx], Y[idx]), {}
-
-    @torch.no_grad()
-    def validate():
-        model.eval()
-        out = {"val_top1": round(group_top1(model(torch.from_numpy(vx)).numpy(), vy, vg), 4),
-               "val_top1_hand_set": round(group_top1(vx[:, 15], vy, vg), 4)}
-        model.train()
-        return out
-
-    metrics = fit(model, batch_loss, validate, args, "train chooser", 1e-3)
+    model, metrics = fit_listwise(
+        cfg, x, table, target, (vx, vy, vg),
+        {"val_top1_hand_set": round(group_top1(vx[:, HAND_SET_FEATURE], vy, vg), 4)}, args,
+        "train chooser")
     return {"model": model, "cfg": cfg,
             "metrics": {**metrics, "collect_s": round(collect_s, 1), "train_scenes": args.pool,
                         "train_candidates": int(len(y)), "val_scenes": args.val_pairs}}

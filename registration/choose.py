@@ -115,7 +115,7 @@ def choice_table(pipe, scenes, given_masks: bool, batch: int = 32):
             y = np.zeros(len(rows), np.float32)
             if iou.max() >= POSITIVE_IOU:
                 y[int(np.argmax(iou))] = 1.0
-            xs.append(pipe._choice_features(p, i, rows, n_ssd[i], c))
+            xs.append(pipe._choice_features(p, rows, n_ssd[i], c))
             labels.append(y)
             groups.append(np.full(len(rows), start + i))
             pos.append(np.arange(len(rows)))

@@ -19,9 +19,9 @@ import torch
 
 from . import checkpoint, frozen, segment, tps
 from . import ranker as ranker_mod
+from .choose import choice_features
 from .config import DatasetConfig
 from .coords import norm_to_pixel
-from .choose import choice_features
 from .verify import mask_overlap, object_detail
 
 DATASETS: dict[str, DatasetConfig] = {
@@ -38,6 +38,8 @@ DATASETS: dict[str, DatasetConfig] = {
     # 2 × 300 with learned masks: 0.706 → 0.717)
     # 40 refinement steps, not 5: matching with true masks on 300 validation scenes 0.917 →
     # 0.938 (20: 0.933, 80: 0.939), +8 ms a pair
+    # … and with segmented masks a learned chooser instead of the hand-set choice (test
+    # detection with learned masks 0.747 → 0.765; README)
     "silhouettes": DatasetConfig(name="silhouettes", segmenter="learned", bright_objects=False,
                                  crop_margin=1.3, threshold=None, min_object_px=8, rerank=5,
                                  verifier=True, component_candidates=True,
@@ -743,7 +745,8 @@ class Pipeline:
             # 0.52 vs 0.59 on 60 validation scenes with true masks)
             match = dice
         return {"owner": owner, "boxes": boxes, "scores": scores, "snapped": snapped,
-                "ranks": ranks, "dice": dice.numpy(), "v": match + RERANK_SCORE_WEIGHT * scores.float(),
+                "ranks": ranks, "dice": dice.numpy(),
+                "v": match + RERANK_SCORE_WEIGHT * scores.float(),
                 "kinds_moving": None if km is None else km.numpy(),
                 "kinds": None if kc is None else kc.numpy()}
 
@@ -755,7 +758,8 @@ class Pipeline:
         out = list(best)
         for k, i in enumerate(owner.tolist()):
             b, r = out[i], int(ranks[k])
-            if best[i][3] >= n_ssd[i] or r < n_ssd[i] or float(v[k]) < best[i][2] - WHOLE_OBJECT_MARGIN:
+            if (best[i][3] >= n_ssd[i] or r < n_ssd[i]
+                    or float(v[k]) < best[i][2] - WHOLE_OBJECT_MARGIN):
                 continue
             objs = prep[i]["candidate_objects"]
             a, c = objs[best[i][3]], objs[r]
@@ -774,15 +778,15 @@ class Pipeline:
             rows = np.flatnonzero(c["owner"] == i)
             if p["uf"] is not None or not len(rows):
                 continue
-            x = self._choice_features(p, i, rows, n_ssd[i], c)
+            x = self._choice_features(p, rows, n_ssd[i], c)
             with torch.no_grad():
                 k = rows[int(torch.argmax(self.chooser(torch.from_numpy(x))))]
             out[i] = (c["boxes"][k], c["scores"][k], float(c["v"][k]), int(c["ranks"][k]))
         return out
 
     @staticmethod
-    def _choice_features(p: dict, i: int, rows: np.ndarray, n_ssd: int, c: dict) -> np.ndarray:
-        """choose.choice_features of pair i's candidates ``rows`` (indices into
+    def _choice_features(p: dict, rows: np.ndarray, n_ssd: int, c: dict) -> np.ndarray:
+        """choose.choice_features of one pair's candidates ``rows`` (indices into
         _candidate_values' ``c``); ``p``: the pair's prepared record, ``n_ssd``: its number
         of SSD candidates."""
         r = c["ranks"][rows]

@@ -386,7 +386,8 @@ def test_evaluate_cli_plain_choice_turns_the_shape_term_and_whole_objects_off(tm
 
 
 def test_from_pretrained_takes_the_data_sets_refinement_steps():
-    assert Pipeline.from_pretrained("silhouettes").refine_steps == DATASETS["silhouettes"].refine_steps == 40
+    assert DATASETS["silhouettes"].refine_steps == 40
+    assert Pipeline.from_pretrained("silhouettes").refine_steps == 40
     from registration.pipeline import DEFAULT_REFINE_STEPS
     assert DATASETS["mnist"].refine_steps is None
     assert Pipeline.from_pretrained("mnist").refine_steps == DEFAULT_REFINE_STEPS

@@ -731,7 +731,9 @@ class Pipeline:
                                            self.verifier.cfg.grey)
             with torch.no_grad():
                 if self.verifier.cfg.classes:      # as Verifier.forward, keeping the kinds
-                    km = self.verifier.kinds(torch.from_numpy(xm))
+                    # each pair's moving object once, not once per candidate
+                    _, first, pair_row = np.unique(owner, return_index=True, return_inverse=True)
+                    km = self.verifier.kinds(torch.from_numpy(xm[first]))[pair_row]
                     kc = self.verifier.kinds(torch.from_numpy(xf))
                     match = (km * kc).sum(1).clamp(1e-6, 1 - 1e-6)
                 else:

@@ -705,7 +705,8 @@ def train_chooser(args) -> dict:
     is over-sure on them), half with the true masks given and half segmented, a listwise
     softmax loss per scene, Adam in mini-batches of scenes; validation: on ``--val-pairs``
     validation scenes (seed 11, masks segmented) the share of scenes with the target among
-    their candidates whose best-scored candidate is the target, against the hand-set choice."""
+    their candidates whose best-scored candidate is the target, against the hand-set value
+    (choose.HAND_SET_FEATURE, without the switch to a whole object)."""
     from .choose import HAND_SET_FEATURE, N_FEATURES, choice_table
     from .config import RankerConfig
     from .metrics import group_top1

@@ -8,6 +8,7 @@ import torch
 from registration import train
 from registration.choose import N_FEATURES, choice_features, choice_table, mask_iou_matrix
 from registration.pipeline import Pipeline
+from scenehelpers import rect_scene
 
 
 def _rect(y0, y1, x0, x1, shape=(40, 40)):
@@ -70,14 +71,8 @@ def test_the_chooser_decides_only_where_the_fixed_mask_was_segmented():
     torch.manual_seed(0)
     pipe.verifier = Verifier(VerifierConfig(classes=3, arch="bn", grey=True)).eval()
     pipe.chooser = SmallestChooser()
-    fixed = np.zeros((128, 128), bool)
-    fixed[10:30, 20:50] = True                   # the smallest object
-    fixed[60:110, 60:100] = True
-    img = (fixed * 200 + 20).astype(np.uint8)
-    moving = np.zeros((64, 64), np.uint8)
-    moving[10:50, 10:50] = 220
-    prep = pipe._prepare([(moving, img)], [moving > 0], [fixed])
-    _, _, lb = pipe._ssd_inputs(prep)
+    # the first object is the smaller
+    prep, lb, _ = rect_scene(pipe, [(10, 30, 20, 50), (60, 110, 60, 100)])
     cands = [(torch.tensor([[0.0, 115.0, 10.0, 125.0]]) * lb[0], torch.tensor([0.9]))]
     c = pipe._candidate_values(prep, cands, lb)
     areas = [int(prep[0]["candidate_objects"][int(j)].sum()) for j in c["ranks"]]

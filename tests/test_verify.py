@@ -9,6 +9,7 @@ from registration import checkpoint, train
 from registration.config import VerifierConfig
 from registration.pipeline import DATASETS, RERANK_SCORE_WEIGHT, Pipeline
 from registration.verify import Verifier, verifier_loss
+from scenehelpers import rect_scene
 
 
 def test_verifier_checks_its_inputs_and_gives_one_logit_per_pair():
@@ -152,14 +153,8 @@ def test_component_candidates_rescue_a_target_the_ssd_missed():
     chooses among the fixed mask's objects instead."""
     pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0, freeze=False)
     pipe.verifier = AreaVerifier()
-    fixed = np.zeros((128, 128), bool)
-    fixed[10:30, 20:50] = True
-    fixed[60:110, 60:100] = True                 # the largest object
-    img = (fixed * 200 + 20).astype(np.uint8)
-    moving = np.zeros((64, 64), np.uint8)
-    moving[10:50, 10:50] = 220
-    prep = pipe._prepare([(moving, img)], [None], [fixed])
-    f_t, q_t, lb = pipe._ssd_inputs(prep)
+    # the second object is the largest
+    prep, lb, _ = rect_scene(pipe, [(10, 30, 20, 50), (60, 110, 60, 100)], given_moving=False)
     miss = [(torch.tensor([[0.0, 115.0, 10.0, 125.0]]) * lb[0], torch.tensor([0.9]))]
     chosen, score, source = pipe._rerank(prep, miss, lb)
     assert torch.allclose(chosen[0] / lb[0], torch.tensor([60.0, 60.0, 100.0, 110.0]))
@@ -331,14 +326,7 @@ def _cut_scene():
     """A 40 × 60 px object, a small one elsewhere, and a square moving object (true masks)."""
     pipe = Pipeline.from_pretrained("silhouettes", refine_steps=0, freeze=False)
     pipe.verifier = ConstVerifier()
-    fixed = np.zeros((128, 128), bool)
-    fixed[40:80, 20:80] = True
-    fixed[100:115, 100:115] = True
-    img = (fixed * 200 + 20).astype(np.uint8)
-    moving = np.zeros((64, 64), np.uint8)
-    moving[12:52, 12:52] = 220
-    prep = pipe._prepare([(moving, img)], [moving > 0], [fixed])
-    _, _, lb = pipe._ssd_inputs(prep)
+    prep, lb, _ = rect_scene(pipe, [(40, 80, 20, 80), (100, 115, 100, 115)], square=(12, 52))
     return pipe, prep, lb
 
 

@@ -129,6 +129,10 @@ class DatasetConfig:
     # re-rank the SSD's candidates with a learned scorer of the pair's geometry
     # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
     ranker: bool = False
+    # added to the ranker's logit: these weights × (normalised cross-correlation, mutual
+    # information) of the ultrasound with the CT seen from the skin towards the candidate
+    # (registration.ranker.view_similarity); None: not measured
+    view_weights: tuple[float, float] | None = None
     min_object_px: int = 4
     # test-time refinement steps for Pipeline.from_pretrained (None: its default)
     refine_steps: int | None = None

@@ -24,6 +24,10 @@ Measurements (pixels of the pipeline's working images; the US–CT geometry: a 2
 - features: the SSD's logit and rank; |log(size/depth)| differences between the two images
   (scale-free); the sizes, depths and contrasts themselves; whether the contrasts agree in
   sign; how well the skin distances predict the tumour's depth fraction in the fan.
+
+Beside the MLP, :func:`view_similarity` looks at the images themselves: the CT as a probe on
+the skin aimed at the candidate would see it, against the ultrasound (the pipeline adds its
+correlation and mutual information to the ranker's logit, ``DatasetConfig.view_weights``).
 """
 from __future__ import annotations
 
@@ -133,6 +137,108 @@ def candidate_features(pf: dict, obj: np.ndarray, score: float, rank: int) -> np
     ], np.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# the view from the skin: how well does the CT, seen as a probe aimed at a candidate would see
+# it, look like the ultrasound?
+
+VIEW_HALF_ANGLES = np.deg2rad((28.0, 32.0, 36.0))   # fan half opening angles tried (rad)
+VIEW_CT_BLUR = 1.0             # px (CT): Gaussian σ before sampling the CT into the fan
+VIEW_US_BLUR = 2.0             # px (ultrasound): Gaussian σ against the speckle
+VIEW_MIN_PX = 500              # a view must share this many fan pixels with the ultrasound
+VIEW_BINS = 16                 # grey levels of the mutual information's joint histogram
+VIEW_STRIDE = 2                # px: every 2nd fan pixel each way (both images are blurred)
+
+
+def view_context(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray,
+                 body: np.ndarray | None = None) -> dict | None:
+    """What :func:`view_similarity` needs of one pair, computed once: the ultrasound (H, W)
+    float [0, 1] and its tumour mask (H, W) bool, the CT window (H', W') float [0, 1] and its
+    body mask (default :func:`body_mask`). None when the ultrasound has no tumour or no fan."""
+    ys, xs = np.nonzero(us_mask)
+    fan = cv2.morphologyEx((us > 0).astype(np.uint8), cv2.MORPH_CLOSE,
+                           np.ones((5, 5), np.uint8)) > 0
+    if len(xs) == 0 or fan.sum() < VIEW_MIN_PX:
+        return None
+    fy, fx = np.nonzero(fan[::VIEW_STRIDE, ::VIEW_STRIDE])
+    fy, fx = fy * VIEW_STRIDE, fx * VIEW_STRIDE
+    blurred = cv2.GaussianBlur(us.astype(np.float32), (0, 0), VIEW_US_BLUR)
+    w = us.shape[1]
+    return dict(u=(fx + 0.5 - w / 2).astype(np.float32), v=(fy + 0.5).astype(np.float32),
+                us=np.clip(blurred[fy, fx], 0, 1), row=float(ys.mean()) + 0.5, width=w,
+                ct=cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_CT_BLUR),
+                body=body_mask(ct) if body is None else body)
+
+
+def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
+    """The best agreement between the ultrasound and the CT seen from the skin, over probes
+    aimed at the candidate ``obj`` ((H', W') bool in the CT of ``ctx``, from
+    :func:`view_context`): for each direction of PROBE_DIRECTIONS and half angle of
+    VIEW_HALF_ANGLES, a curvilinear probe on the skin (its apex APEX_BACK_PX behind it), scaled
+    so the candidate's centre lands on the ultrasound tumour's row, samples the blurred CT at
+    the ultrasound's fan pixels. Returns (normalised cross-correlation, mutual information in
+    nats) with the blurred ultrasound, each the maximum over the views; (0, 0) if no view
+    shares VIEW_MIN_PX pixels with the fan.
+
+    The probe model is the data set's (registration.data.usct.place_probe, Probe.to_ct): a
+    fan whose width fills the image, r0 = apex to skin."""
+    ys, xs = np.nonzero(obj)
+    if len(xs) == 0:
+        raise ValueError("obj: expected a non-empty mask")
+    t = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
+    along = skin_distances(ctx["body"], t)
+    d = np.stack([np.cos(PROBE_DIRECTIONS), np.sin(PROBE_DIRECTIONS)], 1)      # (D, 2)
+    r0 = APEX_BACK_PX
+    apex = t[None] + (along + r0)[:, None] * d                                # (D, 2)
+    axis = -d
+    depth = along + r0                                                        # apex → centre
+    h = VIEW_HALF_ANGLES
+    # per (direction, half angle): CT px per ultrasound px, from the tumour's row
+    scale = (depth[:, None] - r0 * np.cos(h)[None]) / ctx["row"]             # (D, A)
+    r1 = scale * ctx["width"] / (2 * np.sin(h)[None])
+    ok = (scale > 0) & (r1 > depth[:, None])
+    di, ai = np.nonzero(ok)
+    if not len(di):
+        return 0.0, 0.0
+    s = scale[di, ai][:, None].astype(np.float32)
+    big_x = ctx["u"][None] * s                                                # (C, N)
+    big_y = ctx["v"][None] * s + (r0 * np.cos(h[ai]))[:, None].astype(np.float32)
+    r2 = big_x * big_x + big_y * big_y
+    inside = ((np.abs(big_x) <= big_y * np.tan(h[ai])[:, None].astype(np.float32))
+              & (r2 >= r0 * r0) & (r2 <= (r1[di, ai] ** 2)[:, None].astype(np.float32)))
+    ax = axis[di, 0][:, None].astype(np.float32)
+    ay = axis[di, 1][:, None].astype(np.float32)
+    cx = (apex[di, 0] - 0.5)[:, None].astype(np.float32) + big_y * ax - big_x * ay
+    cy = (apex[di, 1] - 0.5)[:, None].astype(np.float32) + big_y * ay + big_x * ax
+    ct = cv2.remap(ctx["ct"], cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                   borderValue=0)
+    n = inside.sum(1)
+    valid = n * VIEW_STRIDE ** 2 >= VIEW_MIN_PX
+    if not valid.any():
+        return 0.0, 0.0
+    nf = np.maximum(n, 1).astype(np.float64)
+    m = inside.astype(np.float32)
+    cm = ct * m
+    us = ctx["us"]
+    s_c, s_u = cm.sum(1, dtype=np.float64), m @ us
+    s_cc = (cm * ct).sum(1, dtype=np.float64)
+    s_uu, s_cu = m @ (us * us), cm @ us
+    cov = s_cu - s_c * s_u / nf
+    var_c = np.maximum(s_cc - s_c * s_c / nf, 0.0)
+    var_u = np.maximum(s_uu - s_u * s_u / nf, 0.0)
+    ncc = cov / (np.sqrt(var_c * var_u) + 1e-9)
+    b = VIEW_BINS
+    qa = np.minimum((ct * b).astype(np.int32), b - 1)
+    qb = np.minimum((us * b).astype(np.int32), b - 1)
+    idx = (np.arange(len(ct), dtype=np.int32)[:, None] * b + qa) * b + qb[None]
+    joint = np.bincount(idx[inside], minlength=len(ct) * b * b)
+    p = joint.reshape(len(ct), b, b) / nf[:, None, None]
+    pa, pb = p.sum(2, keepdims=True), p.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p / (pa * pb)), 0.0)
+    mi = terms.sum((1, 2))
+    return float(ncc[valid].max()), float(mi[valid].max())
+
+
 class Ranker(nn.Module):
     """(B, N_FEATURES) candidate features → (B,) logits, "this candidate is the target":
     features standardised by buffers set from the training set (:meth:`set_scale`), then an
@@ -200,7 +306,7 @@ def candidate_table(pipe, scenes, k: int, batch: int = 32):
     for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         cands = pipe.localizer.candidates(f_t, q_t, k)
-        x, owner, rank, boxes = pipe._ranker_features(prep, cands, lb)
+        x, owner, rank, boxes, _ = pipe._ranker_features(prep, cands, lb)
         for f, i, j, b in zip(x, owner.tolist(), rank.tolist(), boxes):
             sc = prep[i]["scale"]
             xs.append(f)

@@ -83,6 +83,68 @@ def test_size_to_depth_ratio_is_compared_without_a_scale():
         ranker.candidate_features(pf, np.zeros_like(obj), 0.5, 0)
 
 
+def _ct_seen_by_probe(ct, target, centre, direction, half_angle, size=128):
+    """The CT window ``ct`` sampled at the fan pixels of a probe on the body's skin (the
+    disc's edge) aimed at ``centre`` from ``direction`` (radians), as
+    registration.data.usct.Probe.to_ct maps them, scaled so the fan fills ``size`` px;
+    zeros outside the fan. Returns the image and the ``target`` mask seen the same way."""
+    from registration.data.usct import Probe
+    body = ranker.body_mask(ct)
+    t = np.array(centre, np.float64)
+    along = ranker.skin_distances(body, t, [direction])[0]
+    d = np.array([np.cos(direction), np.sin(direction)])
+    r0 = ranker.APEX_BACK_PX
+    apex = t + (along + r0) * d
+    probe = Probe(apex=apex, axis=-d, half_angle=half_angle, r0=r0, r1=along + r0 + 50.0)
+    cx, cy, inside = probe.to_ct(size)
+    img, seen = (cv2.remap(a.astype(np.float32), cx - 0.5, cy - 0.5, cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0) for a in (ct, target))
+    # the fan's grey never reaches exactly 0 inside (the fan is what is > 0)
+    return (np.where(inside, np.maximum(img, 0.02), 0.0).astype(np.float32),
+            (seen > 0.5) & inside)
+
+
+def _two_tumour_ct():
+    """A 256-px CT window: a bright body disc with soft-tissue texture and two dark tumours,
+    the target at (100, 150) and another at (170, 110); returns the CT and both masks."""
+    rng = np.random.default_rng(3)
+    ct = np.zeros((256, 256), np.float32)
+    body = disc(256, (128, 128), 110)
+    tex = cv2.GaussianBlur(rng.normal(0, 1, (256, 256)).astype(np.float32), (0, 0), 6)
+    ct[body] = 0.55 + 0.6 * tex[body]
+    target, other = disc(256, (100, 150), 12), disc(256, (170, 110), 12)
+    ct[target | other] = 0.2
+    ct[disc(256, (128, 128), 110) & ~disc(256, (128, 128), 104)] = 0.3     # a fat layer
+    return np.clip(ct, 0, 1), target, other
+
+
+def test_view_similarity_finds_the_ct_as_the_probe_sees_it():
+    ct, target, other = _two_tumour_ct()
+    direction = ranker.PROBE_DIRECTIONS[4]
+    us, us_mask = _ct_seen_by_probe(ct, target, (100.5, 150.5), direction,
+                                    ranker.VIEW_HALF_ANGLES[1])
+    ctx = ranker.view_context(us, us_mask, ct)
+    ncc_t, mi_t = ranker.view_similarity(ctx, target)
+    ncc_o, mi_o = ranker.view_similarity(ctx, other)
+    # the view from the right direction reproduces the image up to the blurs and the
+    # tumour row's rounding
+    assert ncc_t > 0.9
+    assert ncc_t > ncc_o + 0.1 and mi_t > mi_o
+    with pytest.raises(ValueError, match="non-empty"):
+        ranker.view_similarity(ctx, np.zeros_like(target))
+
+
+def test_view_context_is_none_without_a_tumour_or_a_fan():
+    ct, target, _ = _two_tumour_ct()
+    us = np.full((128, 128), 0.5, np.float32)
+    assert ranker.view_context(us, np.zeros((128, 128), bool), ct) is None
+    mask = np.zeros((128, 128), bool)
+    mask[60:70, 60:70] = True
+    assert ranker.view_context(np.zeros((128, 128), np.float32), mask, ct) is None
+    ctx = ranker.view_context(us, mask, ct)
+    assert ctx is not None and abs(ctx["row"] - 65.0) < 1e-6
+
+
 def test_group_table_and_listwise_loss_by_hand():
     groups = np.array([0, 0, 0, 1, 1, 2, 2])
     ranks = np.array([0, 1, 2, 0, 1, 0, 1])
@@ -122,17 +184,27 @@ def usct_pairs():
 
 def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
     pipe = Pipeline.from_pretrained("usct", freeze=False)
-    pipe.dataset = dataclasses.replace(DATASETS["usct"], rerank=4, ranker=True)
+    pipe.dataset = dataclasses.replace(DATASETS["usct"], rerank=4, ranker=True,
+                                       view_weights=None)
     pipe.ranker = RankTwo()
     pairs = [(p.moving, p.fixed) for p in usct_pairs]
     prep = pipe._prepare(pairs, [None] * len(pairs), [None] * len(pairs))
     f_t, q_t, lb = pipe._ssd_inputs(prep)
     cands = pipe.localizer.candidates(f_t, q_t, 4)
-    x, owner, rank, _ = pipe._ranker_features(prep, cands, lb)
+    x, owner, rank, _, view = pipe._ranker_features(prep, cands, lb)
+    assert view is None
     chosen, _, _ = pipe._rerank(prep, cands, lb)
     for i in range(len(pairs)):
         ranks = rank[owner == i]
         want = 1 if 1 in ranks else ranks[0]
+        assert torch.equal(chosen[i], cands[i][0][want])
+    # with the view from the skin weighted far above the ranker: the best-correlated view
+    pipe.dataset = dataclasses.replace(pipe.dataset, view_weights=(1000.0, 0.0))
+    x, owner, rank, _, view = pipe._ranker_features(prep, cands, lb)
+    assert view.shape == (len(x), 2) and np.all(np.abs(view[:, 0]) <= 1)
+    chosen, _, _ = pipe._rerank(prep, cands, lb)
+    for i in range(len(pairs)):
+        want = rank[owner == i][np.argmax(view[owner == i, 0])]
         assert torch.equal(chosen[i], cands[i][0][want])
 
 

@@ -129,10 +129,6 @@ class DatasetConfig:
     # re-rank the SSD's candidates with a learned scorer of the pair's geometry
     # (checkpoints/<name>/ranker, registration.ranker; US–CT), before the above
     ranker: bool = False
-    # added to the ranker's logit: these weights × (normalised cross-correlation, mutual
-    # information) of the ultrasound with the CT seen from the skin towards the candidate
-    # (registration.ranker.view_similarity); None: not measured
-    view_weights: tuple[float, float] | None = None
     min_object_px: int = 4
     # test-time refinement steps for Pipeline.from_pretrained (None: its default)
     refine_steps: int | None = None
@@ -214,6 +210,9 @@ class RankerConfig:
     hidden: tuple[int, ...] = (32, 32)
     top_k: int = 4                # the SSD's candidates it re-ranks (after NMS)
     kind: str = "ranker"
+    # the last two features are the view from the skin (ranker.view_similarity: NCC, mutual
+    # information), computed by the pipeline and appended to the geometry's
+    view: bool = False
 
 
 # the localizer's "unshuffle" stem (``--stem unshuffle``): the 2×2 pixel blocks replace the

@@ -182,7 +182,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                       rerank: int | None = None, components: bool = True,
                       verifier: str | None = None, split: bool = True,
                       plain_choice: bool = False, chooser: bool = True,
-                      view: bool = True) -> dict:
+                      ranker: str | None = None) -> dict:
     """End to end on n held-out scenes: detection, matching pasted back into the full frame
     (against the target's true mask), without localization, ms per stage. Data sets with
     learned masks are also run with the true masks (the paper's setting): the moving object's
@@ -213,9 +213,10 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
     unchosen = pipe.chooser is not None and not chooser
     if unchosen:
         pipe.chooser = None
-    unviewed = pipe.dataset.view_weights is not None and not view
-    if unviewed:
-        pipe.dataset = dataclasses.replace(pipe.dataset, view_weights=None)
+    if ranker is not None:
+        if pipe.ranker is None:
+            raise SystemExit(f"--ranker: the {dataset} pipeline does not use a ranker")
+        pipe.ranker = checkpoint.load_folder(ranker).eval()
     gt = pipe.dataset.segmenter == "learned"
     test = test_scenes(dataset, n, seed, real)
     n = len(test)
@@ -318,7 +319,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                "shape_weight": pipe.dataset.shape_weight,
                "prefer_whole": pipe.dataset.prefer_whole,
                "chooser": pipe.chooser is not None,
-               "view_weights": pipe.dataset.view_weights,
+               "ranker_view": bool(getattr(getattr(pipe.ranker, "cfg", None), "view", False)),
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"
@@ -328,8 +329,8 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
            + ("_nosplit" if unsplit else "")
            + ("_plainchoice" if plain else "")
            + ("_nochooser" if unchosen else "")
-           + ("_noview" if unviewed else "")
-           + (f"_{Path(verifier).name}" if verifier is not None else ""))
+           + (f"_{Path(verifier).name}" if verifier is not None else "")
+           + (f"_{Path(ranker).name}" if ranker is not None else ""))
     print(f"\nwrote {_write(out, tag, payload)}")
     if figure and shown:
         from .viz import summary_figure
@@ -536,9 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-chooser", dest="chooser", action="store_false",
                    help="pipeline: with segmented masks, choose by the hand-set rule, not the "
                         "learned chooser (silhouettes)")
-    p.add_argument("--no-view", dest="view", action="store_false",
-                   help="pipeline: re-rank by the geometry ranker alone, without the view "
-                        "from the skin (ranker.view_similarity; US–CT)")
+    p.add_argument("--ranker", default=None,
+                   help="pipeline: re-rank with this ranker checkpoint folder instead of the "
+                        "data set's (e.g. checkpoints/usct/ranker-geometry; US–CT)")
     p.add_argument("--verifier", default=None,
                    help="pipeline: re-rank with this verifier checkpoint folder instead of the "
                         "data set's (e.g. checkpoints/silhouettes/verifier-plain), or 'none' "
@@ -563,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_pipeline(args.dataset, args.n, args.seed, Path(args.out), args.figure,
                           args.refine_steps, args.real, args.rerank, args.components,
                           args.verifier, args.split, args.plain_choice, args.chooser,
-                          args.view)
+                          args.ranker)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ Measurements (pixels of the pipeline's working images; the US–CT geometry: a 2
   (scale-free); the sizes, depths and contrasts themselves; whether the contrasts agree in
   sign; how well the skin distances predict the tumour's depth fraction in the fan.
 
-Beside the MLP, :func:`view_similarity` looks at the images themselves: the CT as a probe on
-the skin aimed at the candidate would see it, against the ultrasound (the pipeline adds its
-correlation and mutual information to the ranker's logit, ``DatasetConfig.view_weights``).
+:func:`view_similarity` looks at the images themselves: the CT as a probe on the skin aimed at
+the candidate would see it, against the ultrasound; a ranker with ``cfg.view`` takes its
+correlation and mutual information as two more features.
 """
 from __future__ import annotations
 
@@ -296,17 +296,20 @@ def listwise_loss(logits: torch.Tensor, table: torch.Tensor, target: torch.Tenso
 
 
 @torch.no_grad()
-def candidate_table(pipe, scenes, k: int, batch: int = 32):
+def candidate_table(pipe, scenes, k: int, batch: int = 32, view: bool = False):
     """The pipeline's top-k SSD candidates on scenes with known target boxes, as the ranker
-    sees them: features (N, F) float32, labels (N,) (1: the snapped box overlaps the target's
-    with IoU ≥ 0.5), the scene index (N,) and the rank (N,) of each."""
+    sees them: features (N, F) float32 (with ``view``, the view similarity's two appended),
+    labels (N,) (1: the snapped box overlaps the target's with IoU ≥ 0.5), the scene index
+    (N,) and the rank (N,) of each."""
     from .metrics import box_iou
     from .verify import POSITIVE_IOU, _prepared_chunks
     xs, labels, groups, ranks = [], [], [], []
     for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         cands = pipe.localizer.candidates(f_t, q_t, k)
-        x, owner, rank, boxes, _ = pipe._ranker_features(prep, cands, lb)
+        x, owner, rank, boxes, vs = pipe._ranker_features(prep, cands, lb, views=view)
+        if view:
+            x = np.concatenate([x, vs], 1)
         for f, i, j, b in zip(x, owner.tolist(), rank.tolist(), boxes):
             sc = prep[i]["scale"]
             xs.append(f)
@@ -315,7 +318,7 @@ def candidate_table(pipe, scenes, k: int, batch: int = 32):
             groups.append(start + i)
             ranks.append(j)
     if not xs:
-        return (np.zeros((0, N_FEATURES), np.float32), np.zeros(0, np.float32),
+        return (np.zeros((0, N_FEATURES + 2 * view), np.float32), np.zeros(0, np.float32),
                 np.zeros(0, np.int64), np.zeros(0, np.int64))
     return (np.stack(xs), np.array(labels, np.float32), np.array(groups, np.int64),
             np.array(ranks, np.int64))

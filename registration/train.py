@@ -669,16 +669,17 @@ def train_ranker(args) -> dict:
     pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
                     checkpoint.load(args.dataset, "localizer"), dataset=ds,
                     segmenter=checkpoint.load(args.dataset, "segmenter"))
-    cfg = RankerConfig(top_k=args.rerank_k)
+    cfg = RankerConfig(top_k=args.rerank_k, view=args.view,
+                       features=RankerConfig.features + 2 * args.view)
     t0 = time.time()
     print(f"measuring the SSD's top {cfg.top_k} candidates in {args.pool} × "
           f"{len(args.pair_seeds or [0])} training and "
           f"{args.val_pairs} validation pairs …", flush=True)
     seeds = args.pair_seeds or [args.seed]
     train_pairs = [p for sd in seeds for p in cached_pairs("train", sd, args.pairs)[:args.pool]]
-    x, y, g, r = candidate_table(pipe, train_pairs, cfg.top_k)
+    x, y, g, r = candidate_table(pipe, train_pairs, cfg.top_k, view=cfg.view)
     vx, vy, vg, vr = candidate_table(pipe, cached_pairs("val", args.seed + 1, args.val_pairs),
-                                     cfg.top_k)
+                                     cfg.top_k, view=cfg.view)
     collect_s = time.time() - t0
     table, target = group_table(g, r, y, cfg.top_k)
     print(f"{len(y)} training candidates, {len(table)} pairs with the target among them, "
@@ -793,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-seeds", type=int, nargs="+", default=None,
                    help="ranker: cached training pair sets to pool, one per seed (each "
                         "--pairs long; default: --seed's)")
+    p.add_argument("--view", action="store_true",
+                   help="ranker: add the view from the skin (ranker.view_similarity) to its "
+                        "features, instead of adding it to its logit with fixed weights")
     p.add_argument("--rerank-k", type=int, default=8,
                    help="verifier: SSD candidates per training scene")
     p.add_argument("--verifier-channels", type=int, nargs="+", default=None,

@@ -176,6 +176,16 @@ class RankTwo(torch.nn.Module):
         return -(x[:, 1] - 1).abs()
 
 
+class ByMutualInformation(torch.nn.Module):
+    """A ranker with the view features (cfg.view): scores by the last one, the MI."""
+
+    cfg = RankerConfig(features=ranker.N_FEATURES + 2, view=True)
+
+    def forward(self, x):
+        assert x.shape[1] == ranker.N_FEATURES + 2
+        return x[:, -1]
+
+
 @pytest.fixture(scope="module")
 def usct_pairs():
     from registration.data.usct import PairGenerator
@@ -184,8 +194,7 @@ def usct_pairs():
 
 def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
     pipe = Pipeline.from_pretrained("usct", freeze=False)
-    pipe.dataset = dataclasses.replace(DATASETS["usct"], rerank=4, ranker=True,
-                                       view_weights=None)
+    pipe.dataset = dataclasses.replace(DATASETS["usct"], rerank=4, ranker=True)
     pipe.ranker = RankTwo()
     pairs = [(p.moving, p.fixed) for p in usct_pairs]
     prep = pipe._prepare(pairs, [None] * len(pairs), [None] * len(pairs))
@@ -198,13 +207,15 @@ def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
         ranks = rank[owner == i]
         want = 1 if 1 in ranks else ranks[0]
         assert torch.equal(chosen[i], cands[i][0][want])
-    # with the view from the skin weighted far above the ranker: the best-correlated view
-    pipe.dataset = dataclasses.replace(pipe.dataset, view_weights=(1000.0, 0.0))
+    # a ranker that takes the view from the skin as its last two features (cfg.view) gets
+    # them appended; this one scores by the mutual information
+    pipe.ranker = ByMutualInformation()
     x, owner, rank, _, view = pipe._ranker_features(prep, cands, lb)
     assert view.shape == (len(x), 2) and np.all(np.abs(view[:, 0]) <= 1)
+    assert np.all(view[:, 1] >= 0)
     chosen, _, _ = pipe._rerank(prep, cands, lb)
     for i in range(len(pairs)):
-        want = rank[owner == i][np.argmax(view[owner == i, 0])]
+        want = rank[owner == i][np.argmax(view[owner == i, 1])]
         assert torch.equal(chosen[i], cands[i][0][want])
 
 
@@ -218,6 +229,12 @@ def test_ranker_trains_on_usct_and_refuses_other_data_sets(tmp_path, monkeypatch
     assert metrics["train_pairs"] == 8                  # two cached sets of 4
     assert metrics["train_candidates"] >= 8 and 0 <= metrics["val_top1"] <= 1
     r = checkpoint.load_folder(out)
-    assert r.cfg.top_k == 4 and float(r.std.min()) > 0
+    assert r.cfg.top_k == 4 and float(r.std.min()) > 0 and not r.cfg.view
+    # --view: the view from the skin as two more features, saved in the config
+    train.main(["ranker", "--dataset", "usct", "--pairs", "4", "--val-pairs", "4",
+                "--rerank-k", "4", "--steps", "2", "--batch", "4", "--val-every", "1",
+                "--threads", "1", "--view", "--out", str(tmp_path / "ranker-view")])
+    r = checkpoint.load_folder(tmp_path / "ranker-view")
+    assert r.cfg.view and r.cfg.features == ranker.N_FEATURES + 2 and r.mean.shape == (19,)
     with pytest.raises(SystemExit):
         train.main(["ranker", "--dataset", "silhouettes", "--steps", "1"])

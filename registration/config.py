@@ -119,7 +119,7 @@ class DatasetConfig:
     # shapes agree) to each candidate's value
     shape_weight: float = 0.0
     # with component candidates: where the choice is an SSD box, take instead a whole object
-    # (component or piece) that is the same object (registration.pipeline.SAME_OBJECT_IOU) and
+    # (component or piece) that is the same object (registration.choose.SAME_OBJECT_IOU) and
     # values at most registration.pipeline.WHOLE_OBJECT_MARGIN less
     prefer_whole: bool = False
     # with a kind-classifying verifier, where the fixed mask is segmented (not given): choose

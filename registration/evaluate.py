@@ -319,7 +319,7 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                "shape_weight": pipe.dataset.shape_weight,
                "prefer_whole": pipe.dataset.prefer_whole,
                "chooser": pipe.chooser is not None,
-               "ranker_view": bool(getattr(getattr(pipe.ranker, "cfg", None), "view", False)),
+               "ranker_view": pipe._ranker_sees_view(),
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"

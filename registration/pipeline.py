@@ -19,10 +19,10 @@ import torch
 
 from . import checkpoint, frozen, segment, tps
 from . import ranker as ranker_mod
-from .choose import choice_features
+from .choose import SAME_OBJECT_IOU, choice_features
 from .config import DatasetConfig
 from .coords import norm_to_pixel
-from .verify import mask_overlap, object_detail
+from .verify import Verifier, mask_overlap, object_detail
 
 DATASETS: dict[str, DatasetConfig] = {
     "mnist": DatasetConfig(name="mnist", segmenter="otsu", crop_margin=1.4, threshold=0.5),
@@ -62,7 +62,6 @@ DATASETS: dict[str, DatasetConfig] = {
 
 DEFAULT_REFINE_STEPS = 5      # test-time refinement steps: end-to-end Dice 0.82 → 0.87 (README)
 RERANK_SCORE_WEIGHT = 0.1    # re-ranking: Dice + this × the SSD score
-SAME_OBJECT_IOU = 0.5         # DatasetConfig.prefer_whole: mask IoU of "the same object"
 WHOLE_OBJECT_MARGIN = 0.1     # … and how much less a whole object may value
 COMPONENT_MIN_PX = 40         # px; smaller foreground components are not candidates
 MAX_REFINE_SIDE = 64          # px; refinement resolution cap (cost grows with its square)
@@ -671,13 +670,13 @@ class Pipeline:
 
     def _ranker_features(self, prep: list[dict], cands, lb, views: bool | None = None):
         """The ranker's inputs for every candidate: features (N, F) float32, pair index (N,),
-        rank (N,), snapped box in the working frame (N tuples), and with ``views`` (default:
-        when the ranker takes them, ``cfg.view``) each candidate's view from the skin (N, 2)
-        (ranker.view_similarity: normalised cross-correlation, mutual information), else
-        None."""
+        rank (N,), snapped box in the working frame (N tuples). With ``views`` (default: when
+        the ranker takes them, ``cfg.view``) the last two features are each candidate's view
+        from the skin (ranker.view_similarity: normalised cross-correlation, mutual
+        information)."""
         found = self._candidate_objects(prep, cands, lb)
         pfs, ctxs = {}, {}
-        x, view = [], []
+        x = []
         if views is None:
             views = self._ranker_sees_view()
         for i, j, obj, _ in found:
@@ -687,14 +686,14 @@ class Pipeline:
                 if views:
                     ctxs[i] = ranker_mod.view_context(prep[i]["mg"], prep[i]["m_mask"],
                                                       prep[i]["fg"], pfs[i]["body"])
-            x.append(ranker_mod.candidate_features(pfs[i], obj, float(cands[i][1][j]), j))
+            f = ranker_mod.candidate_features(pfs[i], obj, float(cands[i][1][j]), j)
             if views:
-                view.append((0.0, 0.0) if ctxs[i] is None
-                            else ranker_mod.view_similarity(ctxs[i], obj))
-        x = np.stack(x) if x else np.zeros((0, ranker_mod.N_FEATURES), np.float32)
+                v = (0.0, 0.0) if ctxs[i] is None else ranker_mod.view_similarity(ctxs[i], obj)
+                f = np.concatenate([f, np.asarray(v, np.float32)])
+            x.append(f)
+        x = np.stack(x) if x else np.zeros((0, ranker_mod.N_FEATURES + 2 * views), np.float32)
         return (x, np.array([i for i, *_ in found], int),
-                np.array([j for _, j, *_ in found], int), [fb for *_, fb in found],
-                np.array(view, np.float32).reshape(-1, 2) if views else None)
+                np.array([j for _, j, *_ in found], int), [fb for *_, fb in found])
 
     def _ranker_sees_view(self) -> bool:
         """Whether the ranker takes the view similarity as its last two features."""
@@ -713,10 +712,8 @@ class Pipeline:
         best = [(cands[i][0][0], cands[i][1][0], -np.inf, 0) for i in range(len(prep))]
         n_ssd = [len(c[0]) for c in cands]
         if self.ranker is not None:
-            x, owner, rank, _, view = self._ranker_features(prep, cands, lb)
+            x, owner, rank, _ = self._ranker_features(prep, cands, lb)
             if len(x):
-                if view is not None:
-                    x = np.concatenate([x, view], 1)
                 with torch.no_grad():
                     v = self.ranker(torch.from_numpy(x))
                 for k, (i, j) in enumerate(zip(owner.tolist(), rank.tolist())):
@@ -759,7 +756,7 @@ class Pipeline:
                     _, first, pair_row = np.unique(owner, return_index=True, return_inverse=True)
                     km = self.verifier.kinds(torch.from_numpy(xm[first]))[pair_row]
                     kc = self.verifier.kinds(torch.from_numpy(xf))
-                    match = (km * kc).sum(1).clamp(1e-6, 1 - 1e-6)
+                    match = Verifier.same_kind(km, kc)
                 else:
                     match = torch.sigmoid(self.verifier(torch.from_numpy(xm),
                                                         torch.from_numpy(xf)))

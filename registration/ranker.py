@@ -307,9 +307,7 @@ def candidate_table(pipe, scenes, k: int, batch: int = 32, view: bool = False):
     for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         cands = pipe.localizer.candidates(f_t, q_t, k)
-        x, owner, rank, boxes, vs = pipe._ranker_features(prep, cands, lb, views=view)
-        if view:
-            x = np.concatenate([x, vs], 1)
+        x, owner, rank, boxes = pipe._ranker_features(prep, cands, lb, views=view)
         for f, i, j, b in zip(x, owner.tolist(), rank.tolist(), boxes):
             sc = prep[i]["scale"]
             xs.append(f)

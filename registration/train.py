@@ -795,8 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranker: cached training pair sets to pool, one per seed (each "
                         "--pairs long; default: --seed's)")
     p.add_argument("--view", action="store_true",
-                   help="ranker: add the view from the skin (ranker.view_similarity) to its "
-                        "features, instead of adding it to its logit with fixed weights")
+                   help="ranker: add the view from the skin (ranker.view_similarity: NCC and "
+                        "mutual information) to its features")
     p.add_argument("--rerank-k", type=int, default=8,
                    help="verifier: SSD candidates per training scene")
     p.add_argument("--verifier-channels", type=int, nargs="+", default=None,

@@ -86,9 +86,15 @@ class Verifier(nn.Module):
         self._check("candidate", candidate)
         if self.cfg.classes:
             p = self.kinds(torch.cat([moving, candidate]))
-            same = (p[:len(moving)] * p[len(moving):]).sum(1).clamp(1e-6, 1 - 1e-6)
+            same = self.same_kind(p[:len(moving)], p[len(moving):])
             return torch.log(same) - torch.log1p(-same)
         return self.head(self.features(torch.cat([moving, candidate], 1) - 0.5))[:, 0]
+
+    @staticmethod
+    def same_kind(p_moving: torch.Tensor, p_candidate: torch.Tensor) -> torch.Tensor:
+        """Kind probabilities (B, n) of both → (B,) the probability they are the same kind,
+        clamped to [1e-6, 1 − 1e-6]."""
+        return (p_moving * p_candidate).sum(1).clamp(1e-6, 1 - 1e-6)
 
     def kinds(self, masks: torch.Tensor) -> torch.Tensor:
         """Inputs as :meth:`classify` → (B, n) kind probabilities; with ``arch = "bn"``

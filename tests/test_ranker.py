@@ -200,8 +200,8 @@ def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
     prep = pipe._prepare(pairs, [None] * len(pairs), [None] * len(pairs))
     f_t, q_t, lb = pipe._ssd_inputs(prep)
     cands = pipe.localizer.candidates(f_t, q_t, 4)
-    x, owner, rank, _, view = pipe._ranker_features(prep, cands, lb)
-    assert view is None
+    x, owner, rank, _ = pipe._ranker_features(prep, cands, lb)
+    assert x.shape[1] == ranker.N_FEATURES             # no view without cfg.view
     chosen, _, _ = pipe._rerank(prep, cands, lb)
     for i in range(len(pairs)):
         ranks = rank[owner == i]
@@ -210,7 +210,9 @@ def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
     # a ranker that takes the view from the skin as its last two features (cfg.view) gets
     # them appended; this one scores by the mutual information
     pipe.ranker = ByMutualInformation()
-    x, owner, rank, _, view = pipe._ranker_features(prep, cands, lb)
+    x, owner, rank, _ = pipe._ranker_features(prep, cands, lb)
+    assert x.shape[1] == ranker.N_FEATURES + 2
+    view = x[:, -2:]
     assert view.shape == (len(x), 2) and np.all(np.abs(view[:, 0]) <= 1)
     assert np.all(view[:, 1] >= 0)
     chosen, _, _ = pipe._rerank(prep, cands, lb)

@@ -280,6 +280,12 @@ def fake_hub(saved):
 LOAD_SCRIPT = r"""
 import json, sys, time, warnings
 from registration import checkpoint as ck
+# import everything a load touches before the clock starts, so "elapsed" is the load itself
+# (the Hub round trips or their absence), not interpreter work that a slow host stretches
+import torch, safetensors.torch
+hf = ck._import_hf()
+hf.hf_hub_url, hf.get_hf_file_metadata, hf.hf_hub_download
+from registration import localizer, matcher, ranker, segnet, verify
 results = []
 for name in sys.argv[2:]:
     dataset, model = name.split("/")

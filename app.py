@@ -6,6 +6,7 @@ choose where it listens; default 127.0.0.1:7860).
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import importlib.util
@@ -66,24 +67,42 @@ DATASETS = [
 
 def load_pipelines(entries: list[DatasetEntry]) -> dict[str, Pipeline]:
     """``Pipeline.from_pretrained`` once per data set, at start. A data set whose weights cannot
-    be loaded is left out (logged), so the others still work."""
+    be loaded is left out (logged), so the others still work. The networks stay eager (same
+    outputs); ``start_freezing`` makes their frozen traces (~2 s) once the server is up."""
     pipes = {}
     for d in entries:
         try:
-            # the networks' frozen traces (~2 s for the three data sets) are made after start,
-            # in the background; until then requests run the eager networks (same outputs)
             pipes[d.name] = Pipeline.from_pretrained(d.name, freeze=False)
         except Exception:
             log.exception("could not load the %r pipeline; it is left out of the app", d.name)
     if not pipes:
         raise SystemExit("no pipeline could be loaded (see the log above); nothing to serve")
-    threading.Thread(target=_freeze_all, args=(list(pipes.values()),), daemon=True,
-                     name="freeze-networks").start()
     return pipes
+
+
+_STOP_FREEZING = threading.Event()
+
+
+def start_freezing(pipes: list[Pipeline]) -> threading.Thread:
+    """Freeze the pipelines' networks in a background thread while requests are served. At
+    interpreter exit the thread is stopped after the network it is on and waited for: a torch
+    call still running when the interpreter tears down aborts the process."""
+    thread = threading.Thread(target=_freeze_all, args=(pipes,), daemon=True,
+                              name="freeze-networks")
+
+    def stop() -> None:
+        _STOP_FREEZING.set()
+        thread.join()
+
+    atexit.register(stop)
+    thread.start()
+    return thread
 
 
 def _freeze_all(pipes: list[Pipeline]) -> None:
     for p in pipes:
+        if _STOP_FREEZING.is_set():
+            return
         try:
             p.freeze()
         except Exception:                              # the eager networks keep serving
@@ -613,5 +632,6 @@ if __name__ == "__main__":
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                 max_file_size=MAX_FILE_SIZE, show_error=False, theme=gr.themes.Soft(), css=CSS,
                 mcp_server=mcp_enabled(), enable_monitoring=False, prevent_thread_lock=True)
+    start_freezing(list(PIPELINES.values()))
     warm_up()
     demo.block_thread()

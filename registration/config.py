@@ -213,6 +213,10 @@ class RankerConfig:
     # the last two features are the view from the skin (ranker.view_similarity: NCC, mutual
     # information), computed by the pipeline and appended to the geometry's
     view: bool = False
+    # … with the CT first mapped to the ultrasound grey each CT grey is expected to show, by a
+    # lookup table estimated from the training pairs and kept as the buffer ``view_lut``
+    # (ranker.view_lut_image, ranker.estimate_view_lut); needs ``view``
+    view_lut: bool = False
 
 
 # the localizer's "unshuffle" stem (``--stem unshuffle``): the 2×2 pixel blocks replace the

@@ -27,7 +27,11 @@ Measurements (pixels of the pipeline's working images; the US–CT geometry: a 2
 
 :func:`view_similarity` looks at the images themselves: the CT as a probe on the skin aimed at
 the candidate would see it, against the ultrasound; a ranker with ``cfg.view`` takes its
-correlation and mutual information as two more features.
+correlation and mutual information as two more features. The two modalities do not share
+their greys (vessels are bright in CT and dark in ultrasound, fat darker in CT, ...), so a
+ranker with ``cfg.view_lut`` first maps the CT to the ultrasound grey each CT grey shows on
+average (:func:`view_lut_image`), a 64-entry table estimated from training pairs
+(:func:`estimate_view_lut`) and kept with its weights.
 """
 from __future__ import annotations
 
@@ -149,11 +153,31 @@ VIEW_BINS = 16                 # grey levels of the mutual information's joint h
 VIEW_STRIDE = 2                # px: every 2nd fan pixel each way (both images are blurred)
 
 
+VIEW_LUT_BINS = 64              # CT grey levels of the lookup table (ranker.cfg.view_lut)
+VIEW_LUT_PRE_BLUR = 1.0         # px (CT): Gaussian σ before the lookup (CT noise)
+VIEW_LUT_POST_BLUR = 3.0        # px (CT): … and after it, to the ultrasound's blur
+
+
+def view_lut_image(ct: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """The ultrasound grey that each CT pixel is expected to show: the CT window (H, W) float
+    [0, 1] blurred by VIEW_LUT_PRE_BLUR, looked up in ``lut`` (VIEW_LUT_BINS,) (the mean
+    ultrasound grey per CT grey bin, :func:`estimate_view_lut`) and blurred by
+    VIEW_LUT_POST_BLUR. (H, W) float32."""
+    lut = np.asarray(lut, np.float32)
+    if lut.shape != (VIEW_LUT_BINS,):
+        raise ValueError(f"lut: expected ({VIEW_LUT_BINS},), got {lut.shape}")
+    q = cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_LUT_PRE_BLUR)
+    idx = np.clip((q * VIEW_LUT_BINS).astype(np.int32), 0, VIEW_LUT_BINS - 1)
+    return cv2.GaussianBlur(lut[idx], (0, 0), VIEW_LUT_POST_BLUR)
+
+
 def view_context(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray,
-                 body: np.ndarray | None = None) -> dict | None:
+                 body: np.ndarray | None = None, lut: np.ndarray | None = None) -> dict | None:
     """What :func:`view_similarity` needs of one pair, computed once: the ultrasound (H, W)
     float [0, 1] and its tumour mask (H, W) bool, the CT window (H', W') float [0, 1] and its
-    body mask (default :func:`body_mask`). None when the ultrasound has no tumour or no fan."""
+    body mask (default :func:`body_mask`). The CT is compared as it is (blurred by
+    VIEW_CT_BLUR), or with ``lut`` (VIEW_LUT_BINS,) as the ultrasound grey it is expected to
+    show (:func:`view_lut_image`). None when the ultrasound has no tumour or no fan."""
     ys, xs = np.nonzero(us_mask)
     fan = cv2.morphologyEx((us > 0).astype(np.uint8), cv2.MORPH_CLOSE,
                            np.ones((5, 5), np.uint8)) > 0
@@ -163,21 +187,21 @@ def view_context(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray,
     fy, fx = fy * VIEW_STRIDE, fx * VIEW_STRIDE
     blurred = cv2.GaussianBlur(us.astype(np.float32), (0, 0), VIEW_US_BLUR)
     w = us.shape[1]
+    seen = (cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_CT_BLUR) if lut is None
+            else view_lut_image(ct, lut))
     return dict(u=(fx + 0.5 - w / 2).astype(np.float32), v=(fy + 0.5).astype(np.float32),
                 us=np.clip(blurred[fy, fx], 0, 1), row=float(ys.mean()) + 0.5, width=w,
-                ct=cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_CT_BLUR),
-                body=body_mask(ct) if body is None else body)
+                ct=seen, body=body_mask(ct) if body is None else body)
 
 
-def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
-    """The best agreement between the ultrasound and the CT seen from the skin, over probes
-    aimed at the candidate ``obj`` ((H', W') bool in the CT of ``ctx``, from
-    :func:`view_context`): for each direction of PROBE_DIRECTIONS and half angle of
-    VIEW_HALF_ANGLES, a curvilinear probe on the skin (its apex APEX_BACK_PX behind it), scaled
-    so the candidate's centre lands on the ultrasound tumour's row, samples the blurred CT at
-    the ultrasound's fan pixels. Returns (normalised cross-correlation, mutual information in
-    nats) with the blurred ultrasound, each the maximum over the views; (0, 0) if no view
-    shares VIEW_MIN_PX pixels with the fan.
+def view_samples(ctx: dict, obj: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The CT of ``ctx`` (:func:`view_context`) as probes aimed at the candidate ``obj``
+    ((H', W') bool) see it: for each direction of PROBE_DIRECTIONS and half angle of
+    VIEW_HALF_ANGLES, a curvilinear probe on the skin (its apex APEX_BACK_PX behind it),
+    scaled so the candidate's centre lands on the ultrasound tumour's row, samples the CT at
+    the ultrasound's fan pixels. Returns the samples (V, N) float32 and where each view's fan
+    covers them (V, N) bool, for the V possible views and the N fan pixels of ``ctx``; None if
+    no view is possible.
 
     The probe model is the data set's (registration.data.usct.place_probe, Probe.to_ct): a
     fan whose width fills the image, r0 = apex to skin."""
@@ -198,9 +222,9 @@ def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
     ok = (scale > 0) & (r1 > depth[:, None])
     di, ai = np.nonzero(ok)
     if not len(di):
-        return 0.0, 0.0
+        return None
     s = scale[di, ai][:, None].astype(np.float32)
-    big_x = ctx["u"][None] * s                                                # (C, N)
+    big_x = ctx["u"][None] * s                                                # (V, N)
     big_y = ctx["v"][None] * s + (r0 * np.cos(h[ai]))[:, None].astype(np.float32)
     r2 = big_x * big_x + big_y * big_y
     inside = ((np.abs(big_x) <= big_y * np.tan(h[ai])[:, None].astype(np.float32))
@@ -211,14 +235,19 @@ def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
     cy = (apex[di, 1] - 0.5)[:, None].astype(np.float32) + big_y * ay + big_x * ax
     ct = cv2.remap(ctx["ct"], cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                    borderValue=0)
+    return ct, inside
+
+
+def view_scores(ct: np.ndarray, inside: np.ndarray, us: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per view: normalised cross-correlation and mutual information (nats, VIEW_BINS grey
+    levels) of the samples ``ct`` (V, N) with ``us`` (N,) over the pixels ``inside`` (V, N),
+    and whether the view covers VIEW_MIN_PX of the fan (all (V,))."""
     n = inside.sum(1)
     valid = n * VIEW_STRIDE ** 2 >= VIEW_MIN_PX
-    if not valid.any():
-        return 0.0, 0.0
     nf = np.maximum(n, 1).astype(np.float64)
     m = inside.astype(np.float32)
     cm = ct * m
-    us = ctx["us"]
     s_c, s_u = cm.sum(1, dtype=np.float64), m @ us
     s_cc = (cm * ct).sum(1, dtype=np.float64)
     s_uu, s_cu = m @ (us * us), cm @ us
@@ -227,16 +256,70 @@ def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
     var_u = np.maximum(s_uu - s_u * s_u / nf, 0.0)
     ncc = cov / (np.sqrt(var_c * var_u) + 1e-9)
     b = VIEW_BINS
-    qa = np.minimum((ct * b).astype(np.int32), b - 1)
-    qb = np.minimum((us * b).astype(np.int32), b - 1)
+    qa = np.clip((ct * b).astype(np.int32), 0, b - 1)
+    qb = np.clip((us * b).astype(np.int32), 0, b - 1)
     idx = (np.arange(len(ct), dtype=np.int32)[:, None] * b + qa) * b + qb[None]
     joint = np.bincount(idx[inside], minlength=len(ct) * b * b)
     p = joint.reshape(len(ct), b, b) / nf[:, None, None]
     pa, pb = p.sum(2, keepdims=True), p.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log(p / (pa * pb)), 0.0)
-    mi = terms.sum((1, 2))
+    return ncc, terms.sum((1, 2)), valid
+
+
+def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
+    """The best agreement between the ultrasound and the CT seen from the skin, over probes
+    aimed at the candidate ``obj`` ((H', W') bool in the CT of ``ctx``, from
+    :func:`view_context`; the views of :func:`view_samples`). Returns (normalised
+    cross-correlation, mutual information in nats) with the blurred ultrasound, each the
+    maximum over the views; (0, 0) if no view shares VIEW_MIN_PX pixels with the fan."""
+    views = view_samples(ctx, obj)
+    if views is None:
+        return 0.0, 0.0
+    ncc, mi, valid = view_scores(*views, ctx["us"])
+    if not valid.any():
+        return 0.0, 0.0
     return float(ncc[valid].max()), float(mi[valid].max())
+
+
+def estimate_view_lut(samples, min_mi: float = 0.2, min_count: int = 50) -> np.ndarray:
+    """The lookup table of :func:`view_lut_image` from pairs whose target is known: for
+    each (ultrasound (H, W) float [0, 1], its tumour mask (H, W) bool, CT window (H', W')
+    float [0, 1], the target's mask in the CT (H', W') bool), the view of the target with the
+    highest mutual information (views of :func:`view_samples` of the CT blurred by
+    VIEW_LUT_PRE_BLUR) is taken where that is at least ``min_mi`` nats; the table is the
+    mean blurred-ultrasound grey per CT grey bin over those views' fan pixels. Bins with
+    fewer than ``min_count`` pixels take their nearest filled neighbour's value.
+    Returns (VIEW_LUT_BINS,) float32."""
+    total = np.zeros(VIEW_LUT_BINS)
+    count = np.zeros(VIEW_LUT_BINS)
+    for us, us_mask, ct, target in samples:
+        ctx = view_context(us, us_mask, ct)
+        if ctx is None or not target.any():
+            continue
+        ctx["ct"] = cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_LUT_PRE_BLUR)
+        views = view_samples(ctx, target)
+        if views is None:
+            continue
+        _, mi, valid = view_scores(*views, ctx["us"])
+        if not valid.any() or mi[valid].max() < min_mi:
+            continue
+        k = np.flatnonzero(valid)[np.argmax(mi[valid])]
+        ct_k, inside = views[0][k], views[1][k]
+        b = np.clip((ct_k[inside] * VIEW_LUT_BINS).astype(np.int64), 0, VIEW_LUT_BINS - 1)
+        total += np.bincount(b, weights=ctx["us"][inside], minlength=VIEW_LUT_BINS)
+        count += np.bincount(b, minlength=VIEW_LUT_BINS)
+    filled = np.flatnonzero(count >= min_count)
+    if not len(filled):
+        raise ValueError("estimate_view_lut: no pair gave a view of its target; expected "
+                         "pairs whose ultrasound shows the target tumour in a fan")
+    lut = np.zeros(VIEW_LUT_BINS, np.float32)
+    lut[filled] = total[filled] / count[filled]
+    empty = np.flatnonzero(count < min_count)
+    if len(empty):
+        near = filled[np.abs(empty[:, None] - filled[None]).argmin(1)]
+        lut[empty] = lut[near]
+    return lut
 
 
 class Ranker(nn.Module):
@@ -249,6 +332,12 @@ class Ranker(nn.Module):
         self.cfg = cfg = cfg or RankerConfig()
         self.register_buffer("mean", torch.zeros(cfg.features))
         self.register_buffer("std", torch.ones(cfg.features))
+        if cfg.view_lut:
+            if not cfg.view:
+                raise ValueError("cfg.view_lut: expected cfg.view too (the table maps the "
+                                 "view's CT), got view=False")
+            # set by the training (estimate_view_lut); the identity until then
+            self.register_buffer("view_lut", (torch.arange(VIEW_LUT_BINS) + 0.5) / VIEW_LUT_BINS)
         layers: list[nn.Module] = []
         c = cfg.features
         for h in cfg.hidden:
@@ -296,9 +385,11 @@ def listwise_loss(logits: torch.Tensor, table: torch.Tensor, target: torch.Tenso
 
 
 @torch.no_grad()
-def candidate_table(pipe, scenes, k: int, batch: int = 32, view: bool = False):
+def candidate_table(pipe, scenes, k: int, batch: int = 32, view: bool = False,
+                    lut: np.ndarray | None = None):
     """The pipeline's top-k SSD candidates on scenes with known target boxes, as the ranker
-    sees them: features (N, F) float32 (with ``view``, the view similarity's two appended),
+    sees them: features (N, F) float32 (with ``view``, the view similarity's two appended;
+    with ``lut``, against the CT mapped through it, :func:`view_lut_image`),
     labels (N,) (1: the snapped box overlaps the target's with IoU ≥ 0.5), the scene index
     (N,) and the rank (N,) of each."""
     from .metrics import box_iou
@@ -307,7 +398,7 @@ def candidate_table(pipe, scenes, k: int, batch: int = 32, view: bool = False):
     for start, chunk, prep in _prepared_chunks(pipe, scenes, batch):
         f_t, q_t, lb = pipe._ssd_inputs(prep)
         cands = pipe.localizer.candidates(f_t, q_t, k)
-        x, owner, rank, boxes = pipe._ranker_features(prep, cands, lb, views=view)
+        x, owner, rank, boxes = pipe._ranker_features(prep, cands, lb, views=view, lut=lut)
         for f, i, j, b in zip(x, owner.tolist(), rank.tolist(), boxes):
             sc = prep[i]["scale"]
             xs.append(f)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -655,6 +656,23 @@ def fit_listwise(cfg, x: np.ndarray, table: np.ndarray, target: np.ndarray, val:
     return model, fit(model, batch_loss, validate, args, desc, 1e-3)
 
 
+VIEW_LUT_PAIRS = 500   # training pairs the ranker's view lookup table is estimated from
+
+
+def view_lut_from_pairs(pipe, pairs) -> np.ndarray:
+    """ranker.estimate_view_lut on US–CT pairs as the pipeline sees them (its grey images at
+    working resolution; the true tumour masks)."""
+    from .ranker import estimate_view_lut
+
+    def samples():
+        for s in pairs:
+            p = pipe._prepare([(s.moving, s.fixed)], [s.moving_mask], [s.all_mask])[0]
+            target = cv2.resize(s.target_mask.astype(np.uint8), p["fg"].shape[::-1],
+                                interpolation=cv2.INTER_NEAREST) > 0
+            yield p["mg"], p["m_mask"], p["fg"], target
+    return estimate_view_lut(samples())
+
+
 def train_ranker(args) -> dict:
     """Features of the SSD's top ``--rerank-k`` candidates in ``--pool`` cached training pairs
     (registration.ranker), a listwise softmax loss per pair, Adam in mini-batches of pairs;
@@ -669,7 +687,9 @@ def train_ranker(args) -> dict:
     pipe = Pipeline(checkpoint.load(args.dataset, "matcher"),
                     checkpoint.load(args.dataset, "localizer"), dataset=ds,
                     segmenter=checkpoint.load(args.dataset, "segmenter"))
-    cfg = RankerConfig(top_k=args.rerank_k, view=args.view,
+    if args.view_lut and not args.view:
+        raise SystemExit("--view-lut: the table maps the view's CT; add --view")
+    cfg = RankerConfig(top_k=args.rerank_k, view=args.view, view_lut=args.view_lut,
                        features=RankerConfig.features + 2 * args.view)
     t0 = time.time()
     print(f"measuring the SSD's top {cfg.top_k} candidates in {args.pool} × "
@@ -677,9 +697,10 @@ def train_ranker(args) -> dict:
           f"{args.val_pairs} validation pairs …", flush=True)
     seeds = args.pair_seeds or [args.seed]
     train_pairs = [p for sd in seeds for p in cached_pairs("train", sd, args.pairs)[:args.pool]]
-    x, y, g, r = candidate_table(pipe, train_pairs, cfg.top_k, view=cfg.view)
+    lut = view_lut_from_pairs(pipe, train_pairs[:VIEW_LUT_PAIRS]) if cfg.view_lut else None
+    x, y, g, r = candidate_table(pipe, train_pairs, cfg.top_k, view=cfg.view, lut=lut)
     vx, vy, vg, vr = candidate_table(pipe, cached_pairs("val", args.seed + 1, args.val_pairs),
-                                     cfg.top_k, view=cfg.view)
+                                     cfg.top_k, view=cfg.view, lut=lut)
     collect_s = time.time() - t0
     table, target = group_table(g, r, y, cfg.top_k)
     print(f"{len(y)} training candidates, {len(table)} pairs with the target among them, "
@@ -689,6 +710,8 @@ def train_ranker(args) -> dict:
         {"val_top1_ssd": round(group_top1(-vr, vy, vg), 4),
          "val_target_among": round(float(len(np.unique(vg[vy > 0.5])))
                                    / max(len(np.unique(vg)), 1), 4)}, args, "train ranker")
+    if lut is not None:
+        model.view_lut.copy_(torch.from_numpy(lut))
     return {"model": model, "cfg": cfg,
             "metrics": {**metrics, "collect_s": round(collect_s, 1),
                         "train_pairs": len(train_pairs),
@@ -797,6 +820,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", action="store_true",
                    help="ranker: add the view from the skin (ranker.view_similarity: NCC and "
                         "mutual information) to its features")
+    p.add_argument("--view-lut", action="store_true",
+                   help="ranker, with --view: compare the ultrasound with the CT mapped to the "
+                        "grey each CT grey is expected to show, a lookup table estimated "
+                        "from the first VIEW_LUT_PAIRS training pairs (ranker.estimate_view_lut)")
     p.add_argument("--rerank-k", type=int, default=8,
                    help="verifier: SSD candidates per training scene")
     p.add_argument("--verifier-channels", type=int, nargs="+", default=None,

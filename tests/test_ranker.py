@@ -134,6 +134,58 @@ def test_view_similarity_finds_the_ct_as_the_probe_sees_it():
         ranker.view_similarity(ctx, np.zeros_like(target))
 
 
+def test_view_lut_image_with_the_identity_table_is_the_blurred_ct():
+    ct, _, _ = _two_tumour_ct()
+    identity = (np.arange(ranker.VIEW_LUT_BINS) + 0.5) / ranker.VIEW_LUT_BINS
+    want = cv2.GaussianBlur(cv2.GaussianBlur(ct, (0, 0), ranker.VIEW_LUT_PRE_BLUR), (0, 0),
+                            ranker.VIEW_LUT_POST_BLUR)
+    got = ranker.view_lut_image(ct, identity)
+    assert got.shape == ct.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 0.5 / ranker.VIEW_LUT_BINS + 1e-6   # bin centres
+    with pytest.raises(ValueError, match=r"lut: expected \(64,\), got \(10,\)"):
+        ranker.view_lut_image(ct, np.zeros(10))
+
+
+def test_the_lookup_table_learns_an_inverted_contrast_and_finds_the_target_through_it():
+    """An "ultrasound" that shows the CT's grey inverted (1 − CT, like vessels bright in CT
+    and dark in ultrasound): the plain view anti-correlates with it; the table estimated
+    from such pairs maps the CT to 1 − CT, and through it the target's view correlates
+    again and beats the other tumour's."""
+    ct, target, other = _two_tumour_ct()
+    pairs = []
+    for k in (3, 4, 6, 8):
+        us, us_mask = _ct_seen_by_probe(ct, target, (100.5, 150.5), ranker.PROBE_DIRECTIONS[k],
+                                        ranker.VIEW_HALF_ANGLES[1])
+        pairs.append((np.where(us > 0, np.maximum(1 - us, 0.02), 0).astype(np.float32),
+                      us_mask, ct, target))
+    lut = ranker.estimate_view_lut(pairs)
+    assert lut.shape == (ranker.VIEW_LUT_BINS,) and lut.dtype == np.float32
+    centres = (np.arange(ranker.VIEW_LUT_BINS) + 0.5) / ranker.VIEW_LUT_BINS
+    # the CT's greys: tumours 0.2, fat 0.3, tissue 0.55 ± texture; the blurs pull the
+    # table's means towards each other, but not its order
+    seen = (centres > 0.15) & (centres < 0.65)
+    assert np.corrcoef(lut[seen], centres[seen])[0, 1] < -0.9
+    tumour, tissue = lut[int(0.2 * ranker.VIEW_LUT_BINS)], lut[int(0.55 * ranker.VIEW_LUT_BINS)]
+    assert tumour > tissue + 0.2
+    us, us_mask = pairs[1][:2]
+    plain = ranker.view_context(us, us_mask, ct)
+    assert ranker.view_similarity(plain, target)[0] < 0   # every view anti-correlates
+    mapped = ranker.view_context(us, us_mask, ct, lut=lut)
+    ncc_t, _ = ranker.view_similarity(mapped, target)
+    ncc_o, _ = ranker.view_similarity(mapped, other)
+    assert ncc_t > 0.8 and ncc_t > ncc_o + 0.1
+    with pytest.raises(ValueError, match="no pair gave a view"):
+        ranker.estimate_view_lut([(np.zeros_like(us), us_mask, ct, target)])
+
+
+def test_a_view_lut_ranker_needs_the_view_and_keeps_its_table():
+    with pytest.raises(ValueError, match="view_lut"):
+        ranker.Ranker(RankerConfig(view_lut=True))
+    r = ranker.Ranker(RankerConfig(features=ranker.N_FEATURES + 2, view=True, view_lut=True))
+    assert r.view_lut.shape == (ranker.VIEW_LUT_BINS,)
+    assert "view_lut" in r.state_dict() and "view_lut" not in ranker.Ranker().state_dict()
+
+
 def test_view_context_is_none_without_a_tumour_or_a_fan():
     ct, target, _ = _two_tumour_ct()
     us = np.full((128, 128), 0.5, np.float32)
@@ -219,6 +271,18 @@ def test_pipeline_takes_the_candidate_the_ranker_scores_highest(usct_pairs):
     for i in range(len(pairs)):
         want = rank[owner == i][np.argmax(view[owner == i, 1])]
         assert torch.equal(chosen[i], cands[i][0][want])
+    # with a lookup table in the ranker (cfg.view_lut) the view is of the CT mapped through it
+    lut = np.linspace(0.9, 0.1, ranker.VIEW_LUT_BINS).astype(np.float32)     # inverted
+    pipe.ranker = ByMutualInformation()
+    pipe.ranker.view_lut = torch.from_numpy(lut)
+    x_lut, owner_lut, _, _ = pipe._ranker_features(prep, cands, lb)
+    assert np.array_equal(owner_lut, owner) and np.array_equal(x_lut[:, :-2], x[:, :-2])
+    want = []
+    for i in range(len(pairs)):
+        ctx = ranker.view_context(prep[i]["mg"], prep[i]["m_mask"], prep[i]["fg"], lut=lut)
+        want += [ranker.view_similarity(ctx, prep[i]["candidate_objects"][j])
+                 for j in rank[owner == i]]
+    assert np.allclose(x_lut[:, -2:], np.array(want, np.float32), atol=1e-6)
 
 
 def test_ranker_trains_on_usct_and_refuses_other_data_sets(tmp_path, monkeypatch):
@@ -238,5 +302,16 @@ def test_ranker_trains_on_usct_and_refuses_other_data_sets(tmp_path, monkeypatch
                 "--threads", "1", "--view", "--out", str(tmp_path / "ranker-view")])
     r = checkpoint.load_folder(tmp_path / "ranker-view")
     assert r.cfg.view and r.cfg.features == ranker.N_FEATURES + 2 and r.mean.shape == (19,)
+    assert not r.cfg.view_lut and not hasattr(r, "view_lut")
+    # --view-lut: the table is estimated from the training pairs and saved with the weights
+    train.main(["ranker", "--dataset", "usct", "--pairs", "4", "--val-pairs", "4",
+                "--rerank-k", "4", "--steps", "2", "--batch", "4", "--val-every", "1",
+                "--threads", "1", "--view", "--view-lut", "--out", str(tmp_path / "lut")])
+    r = checkpoint.load_folder(tmp_path / "lut")
+    identity = (torch.arange(ranker.VIEW_LUT_BINS) + 0.5) / ranker.VIEW_LUT_BINS
+    assert r.cfg.view_lut and not torch.allclose(r.view_lut, identity)
+    assert float(r.view_lut.min()) >= 0 and float(r.view_lut.max()) <= 1
+    with pytest.raises(SystemExit):
+        train.main(["ranker", "--dataset", "usct", "--view-lut", "--steps", "1"])
     with pytest.raises(SystemExit):
         train.main(["ranker", "--dataset", "silhouettes", "--steps", "1"])

@@ -191,6 +191,7 @@ def view_context(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray,
             else view_lut_image(ct, lut))
     return dict(u=(fx + 0.5 - w / 2).astype(np.float32), v=(fy + 0.5).astype(np.float32),
                 us=np.clip(blurred[fy, fx], 0, 1), row=float(ys.mean()) + 0.5, width=w,
+                shape=us.shape,
                 ct=seen, body=body_mask(ct) if body is None else body)
 
 
@@ -280,6 +281,28 @@ def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
     if not valid.any():
         return 0.0, 0.0
     return float(ncc[valid].max()), float(mi[valid].max())
+
+
+def best_view(ctx: dict, obj: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """For pictures: the view of the candidate ``obj`` with the highest normalised
+    cross-correlation (:func:`view_samples`, :func:`view_scores`) as an image on the
+    ultrasound's grid of fan pixels, every VIEW_STRIDE-th each way ((H/VIEW_STRIDE,
+    W/VIEW_STRIDE) float32, 0 outside that view's fan), and its correlation; None if no view
+    shares VIEW_MIN_PX pixels with the fan."""
+    views = view_samples(ctx, obj)
+    if views is None:
+        return None
+    ncc, _, valid = view_scores(*views, ctx["us"])
+    if not valid.any():
+        return None
+    k = np.flatnonzero(valid)[np.argmax(ncc[valid])]
+    h, w = ctx["shape"]
+    img = np.zeros((-(-h // VIEW_STRIDE), -(-w // VIEW_STRIDE)), np.float32)
+    rows = (ctx["v"] // VIEW_STRIDE).astype(np.intp)
+    cols = ((ctx["u"] + w / 2) // VIEW_STRIDE).astype(np.intp)
+    inside = views[1][k]
+    img[rows[inside], cols[inside]] = views[0][k][inside]
+    return img, float(ncc[k])
 
 
 def estimate_view_lut(samples, min_mi: float = 0.2, min_count: int = 50) -> np.ndarray:

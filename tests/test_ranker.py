@@ -130,6 +130,12 @@ def test_view_similarity_finds_the_ct_as_the_probe_sees_it():
     # tumour row's rounding
     assert ncc_t > 0.9
     assert ncc_t > ncc_o + 0.1 and mi_t > mi_o
+    # the picture of the best view is the "ultrasound" itself, on the every-2nd-pixel grid
+    img, ncc = ranker.best_view(ctx, target)
+    assert img.shape == (64, 64) and ncc == pytest.approx(ncc_t)
+    both = (us[::2, ::2] > 0) & (img > 0)
+    assert both.sum() > 0.8 * (us[::2, ::2] > 0).sum()
+    assert np.corrcoef(img[both], us[::2, ::2][both])[0, 1] > 0.9
     with pytest.raises(ValueError, match="non-empty"):
         ranker.view_similarity(ctx, np.zeros_like(target))
 

@@ -190,8 +190,7 @@ def view_context(us: np.ndarray, us_mask: np.ndarray, ct: np.ndarray,
     seen = (cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_CT_BLUR) if lut is None
             else view_lut_image(ct, lut))
     return dict(u=(fx + 0.5 - w / 2).astype(np.float32), v=(fy + 0.5).astype(np.float32),
-                us=np.clip(blurred[fy, fx], 0, 1), row=float(ys.mean()) + 0.5, width=w,
-                shape=us.shape,
+                us=np.clip(blurred[fy, fx], 0, 1), row=float(ys.mean()) + 0.5, shape=us.shape,
                 ct=seen, body=body_mask(ct) if body is None else body)
 
 
@@ -219,7 +218,7 @@ def view_samples(ctx: dict, obj: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     h = VIEW_HALF_ANGLES
     # per (direction, half angle): CT px per ultrasound px, from the tumour's row
     scale = (depth[:, None] - r0 * np.cos(h)[None]) / ctx["row"]             # (D, A)
-    r1 = scale * ctx["width"] / (2 * np.sin(h)[None])
+    r1 = scale * ctx["shape"][1] / (2 * np.sin(h)[None])
     ok = (scale > 0) & (r1 > depth[:, None])
     di, ai = np.nonzero(ok)
     if not len(di):
@@ -268,19 +267,28 @@ def view_scores(ct: np.ndarray, inside: np.ndarray, us: np.ndarray
     return ncc, terms.sum((1, 2)), valid
 
 
+def _valid_views(ctx: dict, obj: np.ndarray):
+    """:func:`view_samples` scored by :func:`view_scores`: (samples, inside, ncc, mi) of the
+    views that cover VIEW_MIN_PX of the fan, or None if none does."""
+    views = view_samples(ctx, obj)
+    if views is None:
+        return None
+    ncc, mi, valid = view_scores(*views, ctx["us"])
+    if not valid.any():
+        return None
+    return views[0][valid], views[1][valid], ncc[valid], mi[valid]
+
+
 def view_similarity(ctx: dict, obj: np.ndarray) -> tuple[float, float]:
     """The best agreement between the ultrasound and the CT seen from the skin, over probes
     aimed at the candidate ``obj`` ((H', W') bool in the CT of ``ctx``, from
     :func:`view_context`; the views of :func:`view_samples`). Returns (normalised
     cross-correlation, mutual information in nats) with the blurred ultrasound, each the
     maximum over the views; (0, 0) if no view shares VIEW_MIN_PX pixels with the fan."""
-    views = view_samples(ctx, obj)
+    views = _valid_views(ctx, obj)
     if views is None:
         return 0.0, 0.0
-    ncc, mi, valid = view_scores(*views, ctx["us"])
-    if not valid.any():
-        return 0.0, 0.0
-    return float(ncc[valid].max()), float(mi[valid].max())
+    return float(views[2].max()), float(views[3].max())
 
 
 def best_view(ctx: dict, obj: np.ndarray) -> tuple[np.ndarray, float] | None:
@@ -289,19 +297,16 @@ def best_view(ctx: dict, obj: np.ndarray) -> tuple[np.ndarray, float] | None:
     ultrasound's grid of fan pixels, every VIEW_STRIDE-th each way ((H/VIEW_STRIDE,
     W/VIEW_STRIDE) float32, 0 outside that view's fan), and its correlation; None if no view
     shares VIEW_MIN_PX pixels with the fan."""
-    views = view_samples(ctx, obj)
+    views = _valid_views(ctx, obj)
     if views is None:
         return None
-    ncc, _, valid = view_scores(*views, ctx["us"])
-    if not valid.any():
-        return None
-    k = np.flatnonzero(valid)[np.argmax(ncc[valid])]
+    samples, inside, ncc, _ = views
+    k = int(np.argmax(ncc))
     h, w = ctx["shape"]
     img = np.zeros((-(-h // VIEW_STRIDE), -(-w // VIEW_STRIDE)), np.float32)
     rows = (ctx["v"] // VIEW_STRIDE).astype(np.intp)
     cols = ((ctx["u"] + w / 2) // VIEW_STRIDE).astype(np.intp)
-    inside = views[1][k]
-    img[rows[inside], cols[inside]] = views[0][k][inside]
+    img[rows[inside[k]], cols[inside[k]]] = samples[k][inside[k]]
     return img, float(ncc[k])
 
 
@@ -321,13 +326,10 @@ def estimate_view_lut(samples, min_mi: float = 0.2, min_count: int = 50) -> np.n
         if ctx is None or not target.any():
             continue
         ctx["ct"] = cv2.GaussianBlur(ct.astype(np.float32), (0, 0), VIEW_LUT_PRE_BLUR)
-        views = view_samples(ctx, target)
-        if views is None:
+        views = _valid_views(ctx, target)
+        if views is None or views[3].max() < min_mi:
             continue
-        _, mi, valid = view_scores(*views, ctx["us"])
-        if not valid.any() or mi[valid].max() < min_mi:
-            continue
-        k = np.flatnonzero(valid)[np.argmax(mi[valid])]
+        k = int(np.argmax(views[3]))
         ct_k, inside = views[0][k], views[1][k]
         b = np.clip((ct_k[inside] * VIEW_LUT_BINS).astype(np.int64), 0, VIEW_LUT_BINS - 1)
         total += np.bincount(b, weights=ctx["us"][inside], minlength=VIEW_LUT_BINS)

@@ -183,10 +183,19 @@ def _to_work_res(gray: np.ndarray) -> tuple[np.ndarray, float]:
     return gray, s
 
 
-def _mask_arg(mask, like: np.ndarray, name: str) -> np.ndarray | None:
+def _mask_arg(mask, like: np.ndarray, name: str, labels: bool = False) -> np.ndarray | None:
+    """A given mask as (H, W) bool (uint8: > 127, else > 0.5; colour: its brightest channel),
+    or with ``labels`` an instance label image (segment.is_label_image) as (H, W) int32."""
     if mask is None:
         return None
     m = np.asarray(mask)
+    if labels and m.ndim == 2 and segment.is_label_image(m):
+        if m.shape != like.shape:
+            raise ValueError(f"{name}: expected the image's shape {like.shape}, got {m.shape}")
+        if m.size and (m.min() < 0 or m.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{name}: instance labels must be 0 (background) or positive "
+                             f"int32 values, got {m.min()} … {m.max()}")
+        return m.astype(np.int32)
     if m.ndim == 3:
         m = m[..., :3].max(axis=2)
     if m.shape != like.shape:
@@ -501,7 +510,10 @@ class Pipeline:
                  fixed_mask=None, refine_steps: int | None = None,
                  rerank: int | None = None) -> Result:
         """Register one pair. Images as :func:`to_gray` accepts; optional masks (bool or uint8,
-        each its image's shape) replace the segmentation; ``refine_steps`` overrides the
+        each its image's shape) replace the segmentation. ``fixed_mask`` may also be an
+        instance label image (any integer dtype but uint8: 0 = background, one positive value
+        per object): touching objects then stay separate objects, where a plain mask joins
+        them into one. ``refine_steps`` overrides the
         pipeline's test-time refinement, ``rerank`` its SSD re-ranking (0 = top box)."""
         return self.register_batch([(moving, fixed)], localize=localize,
                                    moving_masks=[moving_mask], fixed_masks=[fixed_mask],
@@ -515,17 +527,22 @@ class Pipeline:
             mg = self._polarity(to_gray(moving, "moving"))
             fg = self._polarity(to_gray(fixed, "fixed"))
             um = _mask_arg(moving_masks[i], mg, "moving_mask")
-            uf = _mask_arg(fixed_masks[i], fg, "fixed_mask")
+            uf = _mask_arg(fixed_masks[i], fg, "fixed_mask", labels=True)
             mg, _ = _to_work_res(mg)
             h_in, w_in = fg.shape
             fg, scale = _to_work_res(fg)
             if um is not None:
                 um = cv2.resize(um.astype(np.uint8), mg.shape[::-1],
                                 interpolation=cv2.INTER_NEAREST) > 0
-            if uf is not None:
+            uf_lab = None
+            if uf is not None and uf.dtype == np.int32:      # instance labels
+                uf_lab = cv2.resize(uf, fg.shape[::-1], interpolation=cv2.INTER_NEAREST)
+                uf = uf_lab > 0
+            elif uf is not None:
                 uf = cv2.resize(uf.astype(np.uint8), fg.shape[::-1],
                                 interpolation=cv2.INTER_NEAREST) > 0
-            prep.append(dict(mg=mg, fg=fg, uf=uf, m_mask=um, scale=scale,
+            # uf: every given object (H, W) bool; uf_lab: the same split into instances
+            prep.append(dict(mg=mg, fg=fg, uf=uf, uf_lab=uf_lab, m_mask=um, scale=scale,
                              shape_in=(h_in, w_in)))
         todo = [p for p in prep if p["m_mask"] is None]
         for p, m in zip(todo, self._object_masks([p["mg"] for p in todo]) if todo else []):
@@ -569,7 +586,7 @@ class Pipeline:
             given = p.get("given_objects", {})    # pieces of split components, as they are
             frame = [b.numpy().astype(np.float64) / lb[i] for b in bx]
             if p["uf"] is not None:
-                masks = [p["uf"]] * len(frame)
+                masks = [self._given_objects(p)] * len(frame)
             else:
                 todo = [j for j in range(len(frame)) if j not in given]
                 seg = dict(zip(todo, self._region_masks([p["fg"]] * len(todo),
@@ -582,9 +599,9 @@ class Pipeline:
                 else:
                     obj = segment.select_best_fit(m, box, min_px=self.dataset.min_object_px,
                                                   clip=None)
-                    if self.dataset.snap_clip is not None:
+                    if self._snap_clip(p) is not None:
                         n_px = obj.sum()
-                        obj = segment.clip_to_box(obj, box, self.dataset.snap_clip)
+                        obj = segment.clip_to_box(obj, box, self._snap_clip(p))
                         cut = 1.0 - obj.sum() / max(n_px, 1)
                 fb = mask_box(obj)
                 if fb is not None:
@@ -644,15 +661,15 @@ class Pipeline:
         ``prep[i]["given_objects"]`` by candidate index)."""
         out = []
         for i, (p, (bx, sc)) in enumerate(zip(prep, cands)):
-            fg = p["uf"] if p["uf"] is not None else self._frame_foreground(p["fg"])
-            n, lab, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8),
-                                                                connectivity=8)
+            fg = (self._given_objects(p) if p["uf"] is not None
+                  else self._frame_foreground(p["fg"]))
+            n, lab, stats = segment.components(fg)
             keep = [c for c in range(1, n) if stats[c, cv2.CC_STAT_AREA] >= COMPONENT_MIN_PX]
             boxes = [(stats[c, cv2.CC_STAT_LEFT], stats[c, cv2.CC_STAT_TOP],
                       stats[c, cv2.CC_STAT_LEFT] + stats[c, cv2.CC_STAT_WIDTH],
                       stats[c, cv2.CC_STAT_TOP] + stats[c, cv2.CC_STAT_HEIGHT]) for c in keep]
             p["given_objects"] = {}
-            if self.dataset.split_components:
+            if self.dataset.split_components and p["uf_lab"] is None:   # labels: no joins
                 for c in keep:
                     for piece in segment.split_touching(lab == c):
                         if piece.sum() >= COMPONENT_MIN_PX:
@@ -665,6 +682,17 @@ class Pipeline:
             out.append((torch.cat([bx, extra * lb[i]]),
                         torch.cat([sc, torch.zeros(len(boxes), dtype=sc.dtype)])))
         return out
+
+    @staticmethod
+    def _given_objects(p: dict) -> np.ndarray:
+        """A pair's given fixed mask: its instance labels if it came as labels, else bool."""
+        return p["uf"] if p["uf_lab"] is None else p["uf_lab"]
+
+    def _snap_clip(self, p: dict) -> float | None:
+        """How far beyond its box a chosen object may reach (DatasetConfig.snap_clip). The
+        clip cuts off a touching neighbour joined to the object; given instance labels, no
+        neighbour is joined, so nothing is clipped (the box would only cut the object)."""
+        return None if p.get("uf_lab") is not None else self.dataset.snap_clip
 
     def _frame_foreground(self, gray: np.ndarray) -> np.ndarray:
         """Every object of a whole fixed frame, (H, W) bool at its resolution: the
@@ -891,9 +919,9 @@ class Pipeline:
             box, fg = p["ssd_box"], p["fg"]
             obj = p.pop("snapped", None)
             if obj is None:
-                fmask = p["uf"] if p["uf"] is not None else p.pop("uf_seg")
+                fmask = self._given_objects(p) if p["uf"] is not None else p.pop("uf_seg")
                 obj = segment.select_best_fit(fmask, box, min_px=self.dataset.min_object_px,
-                                              clip=self.dataset.snap_clip)
+                                              clip=self._snap_clip(p))
             fb = mask_box(obj)
             if fb is None:
                 raise RegistrationError("no object found in the fixed image where the "

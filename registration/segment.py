@@ -26,10 +26,38 @@ def foreground(gray: np.ndarray, threshold: float | None = None) -> np.ndarray:
     return gray > t
 
 
+def is_label_image(mask) -> bool:
+    """Whether ``mask`` is an instance label image: an integer array of any dtype but uint8
+    (0 = background, 1, 2, … one value per object). bool and uint8 (0/255 PNG) arrays, and
+    floats, are plain masks."""
+    dt = np.asarray(mask).dtype
+    return bool(np.issubdtype(dt, np.integer)) and dt != np.uint8
+
+
 def components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """8-connected components: count (incl. background 0), labels (H, W), stats (n, 5)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    return n, labels, stats
+    """8-connected components: count (incl. background 0), labels (H, W) int32, stats (n, 5)
+    (cv2's CC_STAT columns). ``mask``: (H, W) bool, or an instance label image
+    (:func:`is_label_image`), whose objects are never joined: two pixels are one component
+    only if they carry the same label and connect, so touching objects stay apart."""
+    if not is_label_image(mask):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                               connectivity=8)
+        return n, labels, stats
+    m = np.asarray(mask)
+    out = np.zeros(m.shape, np.int32)
+    bg = m <= 0
+    ys, xs = np.nonzero(bg)
+    rows = [np.array([[xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1,
+                       len(xs)] if len(xs) else [0, 0, 0, 0, 0]], np.int32)]
+    n = 1
+    for v in np.unique(m[~bg]):
+        k, lab, st, _ = cv2.connectedComponentsWithStats((m == v).astype(np.uint8),
+                                                         connectivity=8)
+        sel = lab > 0
+        out[sel] = lab[sel] + (n - 1)
+        rows.append(st[1:].astype(np.int32))
+        n += k - 1
+    return n, out, np.concatenate(rows)
 
 
 def foreground_or_otsu(gray: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -47,7 +75,8 @@ def select_best_fit(mask: np.ndarray, box, min_px: int = 4, clip: float | None =
     (most pixels inside first) while that raises the IoU. Keeps a digit's broken strokes, drops
     a neighbour that merely overlaps the box's edge. A neighbour *touching* the object is one
     component with it, so the result is finally clipped to the box grown by ``clip`` of its
-    size on each side (None: no clipping). (H, W) bool."""
+    size on each side (None: no clipping). ``mask``: (H, W) bool, or an instance label image
+    (:func:`components`), whose touching objects are separate components. (H, W) bool."""
     n, labels, stats = components(mask)
     if n <= 1:
         return np.zeros_like(mask, dtype=bool)

@@ -119,6 +119,53 @@ def test_best_fit_keeps_broken_strokes_and_drops_neighbours():
     assert not out[30:, 30:].any() and not out[:, 12:].any()
 
 
+def test_label_images_keep_touching_objects_apart():
+    """Two rectangles that touch: one component as a bool mask, two as instance labels;
+    the best fit to the first one's box is then exactly the first, with no clipping."""
+    lab = np.zeros((40, 40), np.int64)
+    lab[10:20, 5:15] = 3
+    lab[12:30, 15:35] = 7                       # touches the first along x = 15
+    assert not segment.is_label_image(lab > 0) and not segment.is_label_image(
+        (lab > 0).astype(np.uint8) * 255) and not segment.is_label_image(lab.astype(float))
+    assert segment.is_label_image(lab) and segment.is_label_image(lab.astype(np.uint16))
+    assert segment.components(lab > 0)[0] == 2          # background + one joined object
+    n, labels, stats = segment.components(lab)
+    assert n == 3 and sorted(stats[1:, 4].tolist()) == [100, 360]
+    assert len(np.unique(labels[lab == 3])) == 1 and len(np.unique(labels[lab == 7])) == 1
+    first = segment.select_best_fit(lab, (5, 10, 15, 20), clip=None)
+    assert np.array_equal(first, lab == 3)
+    joined = segment.select_best_fit(lab > 0, (5, 10, 15, 20), clip=None)
+    assert np.array_equal(joined, lab > 0)
+
+
+def test_fixed_instance_labels_give_the_object_alone(untrained):
+    """The pipeline with a box on the first of two touching objects: given as a bool mask, the
+    chosen object holds the neighbour's pixels near the box (clipped to it); given as labels,
+    it is the first object exactly. Bad labels get a plain error."""
+    import dataclasses
+    from registration.localizer import Localizer
+    pipe = Pipeline(untrained.matcher, Localizer(), untrained.matcher_full,
+                    dataclasses.replace(DATASETS["mnist"], snap_clip=0.1))
+    moving = np.zeros((28, 28), np.uint8)
+    moving[8:20, 9:19] = 255
+    fixed = np.zeros((112, 112), np.uint8)
+    lab = np.zeros((112, 112), np.int32)
+    lab[40:60, 30:50] = 1
+    lab[35:80, 50:90] = 2
+    fixed[lab > 0] = 255
+    box = (30.0, 40.0, 50.0, 60.0)
+    pipe.localizer.predict = lambda f, m: (torch.tensor([box]) * f.shape[-1] / 112,
+                                           torch.ones(1))
+    r_lab = pipe.register(moving, fixed, fixed_mask=lab, rerank=0)
+    assert np.array_equal(r_lab.fixed_mask_full, lab == 1) and r_lab.box == box
+    r_bool = pipe.register(moving, fixed, fixed_mask=lab > 0, rerank=0)
+    assert r_bool.fixed_mask_full[lab == 2].any() and r_bool.box != box
+    with pytest.raises(ValueError, match="positive"):
+        pipe.register(moving, fixed, fixed_mask=-lab, rerank=0)
+    with pytest.raises(ValueError, match="shape"):
+        pipe.register(moving, fixed, fixed_mask=lab[:50], rerank=0)
+
+
 def test_blank_images_give_a_plain_error(untrained):
     with pytest.raises(RegistrationError, match="no object"):
         untrained.register(np.zeros((28, 28), np.uint8), np.zeros((112, 112), np.uint8))

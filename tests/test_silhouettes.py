@@ -212,3 +212,19 @@ def test_all_mask_holds_the_target_and_the_distractors(scenes):
         assert s.all_mask[s.target_mask].all()
         if s.n_distractors:
             assert s.all_mask.sum() > s.target_mask.sum()
+
+
+def test_all_labels_give_each_animal_its_own_number(scenes):
+    """Instance labels: they cover exactly all_mask, the target (drawn on top) is one whole
+    label, there is one label per animal, and the numbers follow the boxes' left edges."""
+    for s in scenes:
+        lab = s.all_labels
+        assert lab.dtype == np.int32 and lab.shape == s.all_mask.shape
+        assert np.array_equal(lab > 0, s.all_mask)
+        values = np.unique(lab[s.target_mask])
+        assert len(values) == 1 and np.array_equal(lab == values[0], s.target_mask)
+        ids = np.unique(lab[lab > 0])
+        assert np.array_equal(ids, np.arange(1, s.n_distractors + 2))
+    lefts = [np.flatnonzero((s.all_labels == v).any(0))[0] for s in scenes[:1]
+             for v in range(1, scenes[0].n_distractors + 2) if (s.all_labels == v).any()]
+    assert lefts == sorted(lefts)

@@ -304,6 +304,10 @@ class Scene:
     moving_box: np.ndarray    # (4,) float32 xyxy, tight box of moving_mask
     distractor_labels: tuple[int, ...] = ()   # classes of the placed distractors, in order
     all_mask: np.ndarray | None = None        # (SIZE, SIZE) bool: every animal, target included
+    # (SIZE, SIZE) int32: every animal's own mask, 0 = ground, 1 … k+1 numbered by the left
+    # edge of their boxes (the numbers say nothing of which is the target); where animals
+    # overlap, the one drawn on top (the target is drawn last)
+    all_labels: np.ndarray | None = None
 
 
 @dataclass
@@ -398,6 +402,18 @@ def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _instance_labels(masks_: list[np.ndarray]) -> np.ndarray:
+    """Bool masks in drawing order (later on top) → (H, W) int32 labels, 0 = ground, objects
+    numbered 1 … n by their boxes' left edges (then top edges), not by drawing order."""
+    boxes = [mask_box(m) for m in masks_]
+    order = sorted(range(len(masks_)), key=lambda i: (boxes[i][0], boxes[i][1]))
+    number = {i: k + 1 for k, i in enumerate(order)}
+    out = np.zeros(masks_[0].shape, np.int32)
+    for i, m in enumerate(masks_):
+        out[m] = number[i]
+    return out
+
+
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -463,6 +479,7 @@ class SceneGenerator:
         others = [c for c in classes if c != label]
         placed: list[int] = []
         all_mask = t_alpha > 0.5
+        drawn: list[np.ndarray] = []           # each distractor's mask, in drawing order
         for _ in range(k):
             d_label = int(rng.choice(others))
             img = self.images[rng.choice(self.by_class[d_label])]
@@ -473,11 +490,12 @@ class SceneGenerator:
                 if _overlap(dbox, tbox) <= self.max_overlap * t_area:
                     _draw(fixed, d_alpha, d_detail, paint, rng, test)
                     all_mask |= d_alpha > 0.5
+                    drawn.append(d_alpha > 0.5)
                     placed.append(d_label)
                     break
         _draw(fixed, t_alpha, t_detail, paint, rng, test)
         target_mask = t_alpha > 0.5
-        return Scene(moving=_finish(moving, rng), fixed=_finish(fixed, rng),
+        return Scene(all_labels=_instance_labels(drawn + [target_mask]), moving=_finish(moving, rng), fixed=_finish(fixed, rng),
                      target_mask=target_mask, box=mask_box(target_mask), label=label,
                      n_distractors=len(placed), moving_mask=moving_mask,
                      moving_box=mask_box(moving_mask), distractor_labels=tuple(placed),

@@ -71,6 +71,7 @@ RERANK_SCORE_WEIGHT = 0.1    # re-ranking: Dice + this × the SSD score
 WHOLE_OBJECT_MARGIN = 0.1     # … and how much less a whole object may value
 COMPONENT_MIN_PX = 40         # px; smaller foreground components are not candidates
 MAX_REFINE_SIDE = 64          # px; refinement resolution cap (cost grows with its square)
+MAX_LABELS = 255              # objects in a fixed instance label image (more: a grey image)
 MIN_SIDE = 8                  # px; smaller images cannot hold an object to match
 MAX_PIXELS = 40_000_000       # refuse absurd arrays outright
 WORK_SIDE = 512               # larger images are downscaled to this longest side to work on
@@ -195,6 +196,11 @@ def _mask_arg(mask, like: np.ndarray, name: str, labels: bool = False) -> np.nda
         if m.size and (m.min() < 0 or m.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{name}: instance labels must be 0 (background) or positive "
                              f"int32 values, got {m.min()} … {m.max()}")
+        n_obj = len(np.unique(m)) - bool((m == 0).any())
+        if n_obj > MAX_LABELS:
+            raise ValueError(f"{name}: expected an instance label image with at most "
+                             f"{MAX_LABELS} objects, got {n_obj} distinct labels (a grey image? "
+                             f"pass a bool or uint8 mask instead)")
         return m.astype(np.int32)
     if m.ndim == 3:
         m = m[..., :3].max(axis=2)

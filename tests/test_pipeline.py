@@ -164,6 +164,9 @@ def test_fixed_instance_labels_give_the_object_alone(untrained):
         pipe.register(moving, fixed, fixed_mask=-lab, rerank=0)
     with pytest.raises(ValueError, match="shape"):
         pipe.register(moving, fixed, fixed_mask=lab[:50], rerank=0)
+    grey16 = (np.arange(112 * 112, dtype=np.uint16) % 4000).reshape(112, 112)
+    with pytest.raises(ValueError, match="at most 255 objects, got 3999 "):
+        pipe.register(moving, fixed, fixed_mask=grey16, rerank=0)
 
 
 def test_blank_images_give_a_plain_error(untrained):

@@ -541,6 +541,8 @@ class Pipeline:
                 um = cv2.resize(um.astype(np.uint8), mg.shape[::-1],
                                 interpolation=cv2.INTER_NEAREST) > 0
             uf_lab = None
+            if uf is not None and uf.dtype == np.int32 and len(np.unique(uf[uf > 0])) < 2:
+                uf = uf > 0           # one label (e.g. an int 0/1 mask): a plain mask
             if uf is not None and uf.dtype == np.int32:      # instance labels
                 uf_lab = cv2.resize(uf, fg.shape[::-1], interpolation=cv2.INTER_NEAREST)
                 uf = uf_lab > 0

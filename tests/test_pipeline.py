@@ -160,6 +160,8 @@ def test_fixed_instance_labels_give_the_object_alone(untrained):
     assert np.array_equal(r_lab.fixed_mask_full, lab == 1) and r_lab.box == box
     r_bool = pipe.register(moving, fixed, fixed_mask=lab > 0, rerank=0)
     assert r_bool.fixed_mask_full[lab == 2].any() and r_bool.box != box
+    r_int01 = pipe.register(moving, fixed, fixed_mask=(lab > 0).astype(np.int64), rerank=0)
+    assert np.array_equal(r_int01.fixed_mask_full, r_bool.fixed_mask_full)   # as before
     with pytest.raises(ValueError, match="positive"):
         pipe.register(moving, fixed, fixed_mask=-lab, rerank=0)
     with pytest.raises(ValueError, match="shape"):

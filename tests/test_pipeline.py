@@ -171,6 +171,34 @@ def test_fixed_instance_labels_give_the_object_alone(untrained):
         pipe.register(moving, fixed, fixed_mask=grey16, rerank=0)
 
 
+def test_segment_flip_averages_the_mirror_images_logits():
+    """segment_flip: the segmenter's logits on a crop and on its mirror image, mirrored back,
+    averaged; so a mirror-symmetric crop gets an exactly mirror-symmetric mask, which the
+    untrained network alone does not give."""
+    import dataclasses
+    from registration.config import SegNetConfig
+    from registration.segnet import SegNet
+    torch.manual_seed(0)
+    seg = SegNet(SegNetConfig()).eval()
+    rng = np.random.default_rng(0)
+    half = rng.random((64, 32)).astype(np.float32)
+    sym = np.concatenate([half, half[:, ::-1]], 1)
+    other = rng.random((64, 64)).astype(np.float32)
+    plain = Pipeline(Matcher(MatcherConfig(input_size=32)),
+                     dataset=dataclasses.replace(DATASETS["silhouettes"], segment_flip=False),
+                     segmenter=seg)
+    flip = Pipeline(Matcher(MatcherConfig(input_size=32)),
+                    dataset=dataclasses.replace(DATASETS["silhouettes"], segment_flip=True),
+                    segmenter=seg)
+    p0, p1 = plain._segnet_probs([sym, other]), flip._segnet_probs([sym, other])
+    assert not np.allclose(p0[0], p0[0][:, ::-1], atol=1e-4)
+    assert np.allclose(p1[0], p1[0][:, ::-1], atol=1e-5)
+    with torch.no_grad():
+        x = torch.from_numpy(other)[None, None]
+        want = torch.sigmoid(0.5 * (seg(x) + seg(x.flip(-1)).flip(-1)))[0, 0].numpy()
+    assert np.allclose(p1[1], want, atol=1e-5)
+
+
 def test_blank_images_give_a_plain_error(untrained):
     with pytest.raises(RegistrationError, match="no object"):
         untrained.register(np.zeros((28, 28), np.uint8), np.zeros((112, 112), np.uint8))

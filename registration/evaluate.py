@@ -338,6 +338,8 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
                "prefer_whole": pipe.dataset.prefer_whole,
                "chooser": pipe.chooser is not None,
                "ranker_view": pipe._ranker_sees_view(),
+               "snap_clip": pipe.dataset.snap_clip,
+               "segment_flip": pipe.dataset.segment_flip,
                "results": res, "paper": paper, "table": table, "stages": stages,
                "by_distractors_table": dist}
     tag = (f"{dataset}{'_real' if real else ''}_pipeline"

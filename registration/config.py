@@ -133,8 +133,9 @@ class DatasetConfig:
     # test-time refinement steps for Pipeline.from_pretrained (None: its default)
     refine_steps: int | None = None
     snap_clip: float | None = 0.1  # the fixed mask is clipped to the SSD box grown by this
-    # learned segmenter: average its logits on each image and on its mirror image (test-time
-    # augmentation; twice the segmenter's work)
+    # learned segmenter: on the whole moving image and the whole fixed frame, average its
+    # logits with those on the mirror image (test-time augmentation; the crops around the
+    # localizer's candidates are segmented once)
     segment_flip: bool = False
 
 

@@ -40,8 +40,10 @@ DATASETS: dict[str, DatasetConfig] = {
     # 0.938 (20: 0.933, 80: 0.939), +8 ms a pair
     # … and with segmented masks a learned chooser instead of the hand-set choice (test
     # detection with learned masks 0.747 → 0.765; README)
-    # … and the segmenter's logits averaged with its mirror image's (validation box Dice with
-    # learned masks, 2 × 300 scenes: 0.811 → 0.833, 0.849 → 0.858)
+    # … and on the whole moving image and the whole fixed frame, the segmenter's logits
+    # averaged with its mirror image's (validation box Dice with learned masks, 2 × 300
+    # scenes: 0.811 → 0.824, 0.849 → 0.866; mirroring the candidates' crops too: 0.833,
+    # 0.858, at twice the cost)
     "silhouettes": DatasetConfig(name="silhouettes", segmenter="learned", bright_objects=False,
                                  crop_margin=1.3, threshold=None, min_object_px=8, rerank=5,
                                  verifier=True, component_candidates=True,
@@ -399,12 +401,12 @@ class Pipeline:
         return bright_foreground(gray) if self.dataset.bright_objects else gray
 
     @torch.no_grad()
-    def _segnet_probs(self, crops: list[np.ndarray]) -> np.ndarray:
+    def _segnet_probs(self, crops: list[np.ndarray], flip: bool = False) -> np.ndarray:
         """Learned segmenter on (S, S) float crops → foreground probabilities (N, S, S). With
-        ``DatasetConfig.segment_flip``, the mean of its logits on each crop and on its mirror
-        image (one batch of 2N)."""
+        ``flip``, the mean of its logits on each crop and on its mirror image (one batch of
+        2N)."""
         x = torch.from_numpy(np.stack(crops).astype(np.float32))[:, None]
-        if self.dataset.segment_flip:
+        if flip:
             n = len(x)
             y = self.segmenter(torch.cat([x, x.flip(-1)]).contiguous(
                 memory_format=torch.channels_last))
@@ -419,7 +421,7 @@ class Pipeline:
             return [segment.object_mask(g, threshold=self.dataset.threshold) for g in grays]
         s = self.segmenter.cfg.input_size
         probs = self._segnet_probs([cv2.resize(g, (s, s), interpolation=cv2.INTER_AREA)
-                                    for g in grays])
+                                    for g in grays], flip=self.dataset.segment_flip)
         return [segment.drop_specks(cv2.resize(p, g.shape[::-1],
                                                interpolation=cv2.INTER_LINEAR) > 0.5)
                 for p, g in zip(probs, grays)]
@@ -462,7 +464,8 @@ class Pipeline:
         h, w = gray.shape
         k = 2 ** (len(self.segmenter.cfg.channels) - 1)
         hh, ww = max(k, round(h / k) * k), max(k, round(w / k) * k)
-        return self._segnet_probs([cv2.resize(gray, (ww, hh), interpolation=cv2.INTER_AREA)])[0]
+        return self._segnet_probs([cv2.resize(gray, (ww, hh), interpolation=cv2.INTER_AREA)],
+                                  flip=self.dataset.segment_flip)[0]
 
     @property
     def size(self) -> int:

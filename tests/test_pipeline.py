@@ -174,7 +174,8 @@ def test_fixed_instance_labels_give_the_object_alone(untrained):
 def test_segment_flip_averages_the_mirror_images_logits():
     """segment_flip: the segmenter's logits on a crop and on its mirror image, mirrored back,
     averaged; so a mirror-symmetric crop gets an exactly mirror-symmetric mask, which the
-    untrained network alone does not give."""
+    untrained network alone does not give. It applies to whole images and frames, not to the
+    crops around candidates."""
     import dataclasses
     from registration.config import SegNetConfig
     from registration.segnet import SegNet
@@ -190,7 +191,12 @@ def test_segment_flip_averages_the_mirror_images_logits():
     flip = Pipeline(Matcher(MatcherConfig(input_size=32)),
                     dataset=dataclasses.replace(DATASETS["silhouettes"], segment_flip=True),
                     segmenter=seg)
-    p0, p1 = plain._segnet_probs([sym, other]), flip._segnet_probs([sym, other])
+    p0, p1 = plain._segnet_probs([sym, other]), flip._segnet_probs([sym, other], flip=True)
+    close = lambda a, b: np.allclose(a, b, atol=1e-6)
+    assert not close(p0[1], p1[1])
+    assert close(flip._frame_probs(other), p1[1])                    # a 64 × 64 frame
+    assert close(plain._frame_probs(other), p0[1])
+    assert close(flip._segnet_probs([other]), p0[1:])                # crops: once
     assert not np.allclose(p0[0], p0[0][:, ::-1], atol=1e-4)
     assert np.allclose(p1[0], p1[0][:, ::-1], atol=1e-5)
     with torch.no_grad():

@@ -277,20 +277,15 @@ def evaluate_pipeline(dataset: str, n: int, seed: int, out: Path, figure: bool =
         [paper["source"], paper["detection"]["dice"], paper["detection"]["iou"],
          paper["matching"]["dice"], paper["matching"]["iou"]],
         ["SSD box alone", res["detection_ssd"]["dice"], res["detection_ssd"]["iou"], "", ""]]
+    true_masks = lambda pre: {k: mean(pre + k) for k in ("dice", "iou", "crop_dice",
+                                                         "box_dice", "box_iou")}
     if gt:
-        res["matching_true_masks"] = {"dice": mean("gt_dice"), "iou": mean("gt_iou"),
-                                      "crop_dice": mean("gt_crop_dice"),
-                                      "box_dice": mean("gt_box_dice"),
-                                      "box_iou": mean("gt_box_iou")}
+        res["matching_true_masks"] = true_masks("gt_")
         res["matching_true_masks_without_localization"] = {
             "dice": mean("gt_noloc_dice"), "iou": mean("gt_noloc_iou")}
         inst = all("gt_inst_dice" in x for x in recs)
         if inst:
-            res["matching_true_instance_masks"] = {
-                "dice": mean("gt_inst_dice"), "iou": mean("gt_inst_iou"),
-                "crop_dice": mean("gt_inst_crop_dice"), "box_dice": mean("gt_inst_box_dice"),
-                "box_iou": mean("gt_inst_box_iou")}
-            m = res["matching_true_instance_masks"]
+            m = res["matching_true_instance_masks"] = true_masks("gt_inst_")
             rows.append(["with localization, true masks, one per object (instance labels, as "
                          "per-object annotations: the paper's setting; box snapped to the true "
                          "object)", m["box_dice"], m["box_iou"], m["dice"], m["iou"]])

@@ -190,7 +190,8 @@ def _to_work_res(gray: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _mask_arg(mask, like: np.ndarray, name: str, labels: bool = False) -> np.ndarray | None:
     """A given mask as (H, W) bool (uint8: > 127, else > 0.5; colour: its brightest channel),
-    or with ``labels`` an instance label image (segment.is_label_image) as (H, W) int32."""
+    or with ``labels`` an instance label image (segment.is_label_image) of two or more objects
+    as (H, W) int32 (one object, e.g. an int 0/1 mask, is a plain mask: bool)."""
     if mask is None:
         return None
     m = np.asarray(mask)
@@ -205,7 +206,7 @@ def _mask_arg(mask, like: np.ndarray, name: str, labels: bool = False) -> np.nda
             raise ValueError(f"{name}: expected an instance label image with at most "
                              f"{MAX_LABELS} objects, got {n_obj} distinct labels (a grey image? "
                              f"pass a bool or uint8 mask instead)")
-        return m.astype(np.int32)
+        return m.astype(np.int32) if n_obj >= 2 else m > 0
     if m.ndim == 3:
         m = m[..., :3].max(axis=2)
     if m.shape != like.shape:
@@ -554,8 +555,6 @@ class Pipeline:
                 um = cv2.resize(um.astype(np.uint8), mg.shape[::-1],
                                 interpolation=cv2.INTER_NEAREST) > 0
             uf_lab = None
-            if uf is not None and uf.dtype == np.int32 and len(np.unique(uf[uf > 0])) < 2:
-                uf = uf > 0           # one label (e.g. an int 0/1 mask): a plain mask
             if uf is not None and uf.dtype == np.int32:      # instance labels
                 uf_lab = cv2.resize(uf, fg.shape[::-1], interpolation=cv2.INTER_NEAREST)
                 uf = uf_lab > 0

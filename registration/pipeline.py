@@ -42,8 +42,8 @@ DATASETS: dict[str, DatasetConfig] = {
     # detection with learned masks 0.747 → 0.765; README)
     # … and on the whole moving image and the whole fixed frame, the segmenter's logits
     # averaged with its mirror image's (validation box Dice with learned masks, 2 × 300
-    # scenes: 0.811 → 0.824, 0.849 → 0.866; mirroring the candidates' crops too: 0.833,
-    # 0.858, at twice the cost)
+    # scenes: 0.811 → 0.824, 0.849 → 0.866, scripts/silhouettes_validation.py; mirroring the
+    # candidates' crops too, in a scratch trial: 0.833, 0.858, at three times the cost)
     "silhouettes": DatasetConfig(name="silhouettes", segmenter="learned", bright_objects=False,
                                  crop_margin=1.3, threshold=None, min_object_px=8, rerank=5,
                                  verifier=True, component_candidates=True,
